@@ -1,0 +1,1 @@
+"""Diffusion math: noise schedules, parameterizations, samplers, guidance, losses."""
