@@ -1,0 +1,1 @@
+"""The three Stable Diffusion networks as pure functions: unet, autoencoder, text_encoder."""
