@@ -1,0 +1,214 @@
+"""Training checkpoints: `<workdir>/checkpoints/<step>/`, written atomically, last N kept.
+
+A checkpoint folder holds one safetensors file per tree (`params`, `ema`, `opt`,
+`state` for the scalars such as the step and the loss scale, and `frozen` for the
+VAE and text encoder, so that the model reloads from the workdir alone), and
+`checkpoint.json` with the step, the data position of every rank and the full
+config. Only plain tensors and JSON are stored, never pickles.
+
+Atomicity: the files go into `checkpoints/tmp-<step>-<pid>/`, are fsynced, and the
+folder is renamed to `<step>` (a rename within one filesystem is atomic). Only
+folders named by an integer count as checkpoints, so a temporary folder left by a
+crash is ignored by `latest` and removed by `clean_partial`.
+"""
+
+import json
+import os
+import shutil
+
+import ml_collections
+import safetensors.torch
+import torch
+
+from sd_func import tree
+
+META = "checkpoint.json"
+TMP_PREFIX = "tmp-"
+FORMAT = "sd_func.train/1"
+# Config sections that fix the parameter shapes: a resume must not change them.
+ARCHITECTURE = ("unet", "vae", "text_encoder")
+NOT_ARCHITECTURE = {"tokenizer"}  # a path or hub id: may move between runs
+
+
+def checkpoint_dir(workdir: str) -> str:
+    return os.path.join(workdir, "checkpoints")
+
+
+def steps(workdir: str) -> list[int]:
+    """The steps of the complete checkpoints in workdir, oldest first."""
+    d = checkpoint_dir(workdir)
+    if not os.path.isdir(d):
+        return []
+    out = []
+    for name in os.listdir(d):
+        if name.isdigit() and os.path.isfile(os.path.join(d, name, META)):
+            out.append(int(name))
+    return sorted(out)
+
+
+def latest(workdir: str) -> str | None:
+    """The folder of the newest complete checkpoint in workdir, or None."""
+    s = steps(workdir)
+    return os.path.join(checkpoint_dir(workdir), str(s[-1])) if s else None
+
+
+def clean_partial(workdir: str) -> list[str]:
+    """Remove temporary folders left by an interrupted save; returns their names."""
+    d = checkpoint_dir(workdir)
+    if not os.path.isdir(d):
+        return []
+    gone = [n for n in os.listdir(d) if n.startswith(TMP_PREFIX)]
+    for n in gone:
+        shutil.rmtree(os.path.join(d, n), ignore_errors=True)
+    return gone
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flat_tensors(name: str, t) -> dict[str, torch.Tensor]:
+    flat = tree.flatten(t) if isinstance(t, dict) else {"value": t}
+    out = {}
+    for path, v in flat.items():
+        if not torch.is_tensor(v):
+            raise TypeError(f"checkpoint tree {name!r}: leaf {path!r} is a {type(v).__name__}, "
+                            "expected a tensor (put scalars in a 0-d tensor)")
+        # safetensors refuses shared or strided storage: give each leaf its own copy.
+        out[path] = v.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str:
+    """Write trees (name -> nested dict of tensors) and meta as checkpoint `step`.
+
+    meta must be JSON-serialisable; `step` and `format` are added. An existing
+    checkpoint of the same step is replaced. Keeps the newest `keep` checkpoints
+    (0 keeps all). Returns the checkpoint folder.
+    """
+    d = checkpoint_dir(workdir)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f"{TMP_PREFIX}{step}-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    for name, t in trees.items():
+        f = os.path.join(tmp, f"{name}.safetensors")
+        safetensors.torch.save_file(_flat_tensors(name, t), f, metadata={"format": FORMAT})
+        _fsync(f)
+    m = dict(meta, step=int(step), format=FORMAT, files=sorted(trees))
+    with open(os.path.join(tmp, META), "w") as fh:
+        json.dump(m, fh, indent=1, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    _fsync(tmp)
+    final = os.path.join(d, str(step))
+    if os.path.exists(final):  # re-saving a step (e.g. the final one): swap, then drop the old one
+        old = os.path.join(d, f"{TMP_PREFIX}old-{step}-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    _fsync(d)
+    if keep and keep > 0:
+        for s in steps(workdir)[:-keep]:
+            shutil.rmtree(os.path.join(d, str(s)), ignore_errors=True)
+    return final
+
+
+def read_meta(ckpt: str) -> dict:
+    with open(os.path.join(ckpt, META)) as fh:
+        return json.load(fh)
+
+
+def load_tree(ckpt: str, name: str) -> dict:
+    """One stored tree as a nested dict of CPU tensors."""
+    f = os.path.join(ckpt, f"{name}.safetensors")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{ckpt}: no {name}.safetensors in this checkpoint")
+    flat = safetensors.torch.load_file(f)
+    if list(flat) == ["value"]:
+        return flat["value"]
+    return tree.unflatten(flat)
+
+
+def restore_like(ckpt: str, name: str, like):
+    """The stored tree `name`, in the structure, dtypes and devices of `like`.
+
+    Filling a freshly initialised tree keeps its key order and placement, so the
+    compiled step sees exactly the structure it was traced with.
+    """
+    f = os.path.join(ckpt, f"{name}.safetensors")
+    if not os.path.isfile(f):
+        raise FileNotFoundError(f"{ckpt}: no {name}.safetensors in this checkpoint")
+    flat = safetensors.torch.load_file(f)
+    if not isinstance(like, dict):
+        return flat["value"].to(device=like.device, dtype=like.dtype)
+    want = tree.flatten(like)
+    missing, unexpected, wrong = tree.diff({k: v for k, v in want.items()}, flat)
+    if missing or unexpected or wrong:
+        raise ValueError(f"{f} does not match the model: missing={missing[:5]} "
+                         f"unexpected={unexpected[:5]} wrong_shape={wrong[:5]}")
+    return tree.unflatten({k: flat[k].to(device=v.device, dtype=v.dtype) for k, v in want.items()})
+
+
+def config_json(cfg: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON (tuples become lists)."""
+    return json.loads(cfg.to_json())
+
+
+def _tuples(x):
+    if isinstance(x, list):
+        return tuple(_tuples(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _tuples(v) for k, v in x.items()}
+    return x
+
+
+def config_from_json(d: dict) -> ml_collections.ConfigDict:
+    """Inverse of config_json (lists back to tuples, as the configs write them)."""
+    return ml_collections.ConfigDict(_tuples(d))
+
+
+def check_architecture(stored: dict, cfg: ml_collections.ConfigDict, where: str) -> None:
+    """Raise a ValueError naming the fields where cfg's model shape differs from stored."""
+    now = config_json(cfg)
+    diffs = []
+    for section in ARCHITECTURE:
+        a, b = stored.get(section, {}), now.get(section, {})
+        for k in sorted(set(a) | set(b)):
+            if k not in NOT_ARCHITECTURE and a.get(k) != b.get(k):
+                diffs.append(f"{section}.{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}")
+    if diffs:
+        raise ValueError(f"{where}: the config's model architecture differs from the checkpoint's "
+                         f"({'; '.join(diffs[:6])}); use a new --workdir or the stored config")
+
+
+def load_model(path: str, ema: bool = True) -> tuple[dict, ml_collections.ConfigDict]:
+    """(params, cfg) of a training workdir's newest checkpoint (or of one checkpoint folder).
+
+    params = {"unet", "vae", "text_encoder"}, with the EMA weights of the trained
+    networks when `ema` (the default, as for sampling). `checkpoint.load` calls this
+    for a path that `is_workdir`.
+    """
+    ckpt = path if os.path.isfile(os.path.join(path, META)) else latest(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path}: no complete checkpoint in {checkpoint_dir(path)}")
+    meta = read_meta(ckpt)
+    cfg = config_from_json(meta["config"])
+    trained = load_tree(ckpt, "ema" if ema and "ema" in meta["files"] else "params")
+    params = dict(load_tree(ckpt, "frozen"))
+    if "unet" not in trained:  # the state holds the UNet tree itself
+        trained = {"unet": trained}
+    params.update(trained)
+    return {k: params[k] for k in ("unet", "vae", "text_encoder") if k in params}, cfg
+
+
+def is_workdir(path: str) -> bool:
+    """True for a training workdir with a checkpoint, or a checkpoint folder itself."""
+    return os.path.isfile(os.path.join(path, META)) or latest(path) is not None
