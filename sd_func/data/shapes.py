@@ -1,0 +1,116 @@
+"""The built-in synthetic dataset: one filled shape on a plain background.
+
+Each example is a pure function of (seed, index): a background color, a
+different shape color, a shape kind (circle, axis-aligned square, or isosceles
+triangle with its apex up and base equal to its height), a half-size of 12 to
+22 px and a center jittered up to 8 px each way (sizes at 64 px, scaled with the
+resolution), drawn with numpy and 4x4 supersampled anti-aliasing. The caption is
+"a {color} {shape} on a {background} background": 6 * 5 * 3 = 90 prompts, which
+`sd_func.eval.shapes` reads back from pixels.
+"""
+
+import re
+
+import numpy as np
+import torch
+
+from sd_func import random
+from sd_func.data import loader
+
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 210, 40),
+    "white": (240, 240, 240),
+    "black": (25, 25, 25),
+}
+SHAPES = ("circle", "square", "triangle")
+HALF_SIZE = (12.0, 22.0)   # at 64 px
+JITTER = 8.0               # at 64 px
+_PROMPT_RE = re.compile(r"\s*an? (\w+) (\w+) on an? (\w+) background\s*\.?\s*")
+
+
+def caption(color: str, shape: str, background: str) -> str:
+    return f"a {color} {shape} on a {background} background"
+
+
+def parse(prompt: str) -> tuple[str, str, str]:
+    """(color, shape, background) of a shapes prompt; ValueError if it is not one."""
+    m = _PROMPT_RE.fullmatch(prompt.lower())
+    if not m or m[1] not in COLORS or m[2] not in SHAPES or m[3] not in COLORS:
+        raise ValueError(f"shapes: {prompt!r} is not 'a {{color}} {{shape}} on a {{color}} background' "
+                         f"with colors {list(COLORS)} and shapes {list(SHAPES)}")
+    return m[1], m[2], m[3]
+
+
+def prompts() -> list[str]:
+    """All 90 captions (color != background), in a fixed order."""
+    return [caption(c, s, b) for b in COLORS for c in COLORS if c != b for s in SHAPES]
+
+
+def attributes(seed: int, index: int, resolution: int = 64) -> dict:
+    """What example `index` of `seed` shows: color, shape, background, half_size, center (x, y)."""
+    u = random.uniform(random.fold_in(loader.data_key(seed), index), (6,)).tolist()
+    names = list(COLORS)
+    background = names[min(int(u[0] * 6), 5)]
+    others = [c for c in names if c != background]
+    scale = resolution / 64.0
+    half_size = (HALF_SIZE[0] + (HALF_SIZE[1] - HALF_SIZE[0]) * u[3]) * scale
+    center = (resolution / 2 + (2 * u[4] - 1) * JITTER * scale,
+              resolution / 2 + (2 * u[5] - 1) * JITTER * scale)
+    return dict(color=others[min(int(u[1] * 5), 4)], shape=SHAPES[min(int(u[2] * 3), 2)],
+                background=background, half_size=half_size, center=center)
+
+
+def coverage(shape: str, half_size: float, center, resolution: int, supersample: int = 4) -> np.ndarray:
+    """Fraction of each pixel covered by the shape: float32 [R, R] in [0, 1]."""
+    s = supersample
+    t = (np.arange(resolution * s, dtype=np.float64) + 0.5) / s     # subpixel centers
+    x, y = t[None, :] - center[0], t[:, None] - center[1]
+    h = half_size
+    if shape == "circle":
+        inside = x * x + y * y <= h * h
+    elif shape == "square":
+        inside = (np.abs(x) <= h) & (np.abs(y) <= h)
+    elif shape == "triangle":   # apex (0, -h), base from (-h, h) to (h, h): half-width grows by 1/2 per px
+        inside = (y >= -h) & (y <= h) & (np.abs(x) <= (y + h) / 2)
+    else:
+        raise ValueError(f"shapes: unknown shape {shape!r}; expected one of {SHAPES}")
+    return inside.reshape(resolution, s, resolution, s).mean(axis=(1, 3)).astype(np.float32)
+
+
+def draw(color: str, shape: str, background: str, half_size: float, center, resolution: int = 64) -> np.ndarray:
+    """One image: uint8 [R, R, 3]."""
+    a = coverage(shape, half_size, center, resolution)[..., None]
+    fg, bg = np.array(COLORS[color], np.float32), np.array(COLORS[background], np.float32)
+    return np.rint(bg * (1 - a) + fg * a).astype(np.uint8)
+
+
+def example(seed: int, index: int, resolution: int = 64) -> tuple[np.ndarray, str]:
+    """(uint8 image [R, R, 3], caption) of example `index`."""
+    a = attributes(seed, index, resolution)
+    return draw(resolution=resolution, **a), caption(a["color"], a["shape"], a["background"])
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+class ShapesDataset:
+    """Infinite and index-addressed: example i is `example(seed, i)`."""
+
+    num_examples = None
+
+    def __init__(self, seed: int, resolution: int = 64):
+        self.seed, self.resolution = int(seed), int(resolution)
+
+    def load(self, index: int, key=None) -> dict:
+        image, text = example(self.seed, index, self.resolution)
+        return {"images": to_tensor(image), "captions": text}
+
+
+def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1) -> loader.MapSource:
+    return loader.MapSource("shapes", ShapesDataset(seed, cfg_data.resolution), seed, rank, world,
+                            num_workers=cfg_data.get("num_workers", 0), shuffle=False)

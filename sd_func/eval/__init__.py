@@ -1,0 +1,1 @@
+"""Evaluation of generated images: prompt accuracy on the synthetic shapes (shapes.py)."""
