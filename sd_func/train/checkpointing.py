@@ -98,7 +98,9 @@ def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str
     os.makedirs(tmp)
     for name, t in trees.items():
         f = os.path.join(tmp, f"{name}.safetensors")
-        safetensors.torch.save_file(_flat_tensors(name, t), f, metadata={"format": FORMAT})
+        flat = _flat_tensors(name, t)
+        # safetensors sorts its keys; the stored order restores the trees' own key order.
+        safetensors.torch.save_file(flat, f, metadata={"format": FORMAT, "paths": json.dumps(list(flat))})
         _fsync(f)
     m = dict(meta, step=int(step), format=FORMAT, files=sorted(trees))
     with open(os.path.join(tmp, META), "w") as fh:
@@ -126,12 +128,18 @@ def read_meta(ckpt: str) -> dict:
         return json.load(fh)
 
 
-def load_tree(ckpt: str, name: str) -> dict:
-    """One stored tree as a nested dict of CPU tensors."""
+def _read(ckpt: str, name: str) -> dict[str, torch.Tensor]:
     f = os.path.join(ckpt, f"{name}.safetensors")
     if not os.path.isfile(f):
         raise FileNotFoundError(f"{ckpt}: no {name}.safetensors in this checkpoint")
-    flat = safetensors.torch.load_file(f)
+    with safetensors.safe_open(f, framework="pt") as fh:
+        paths = json.loads((fh.metadata() or {}).get("paths", "null")) or sorted(fh.keys())
+        return {k: fh.get_tensor(k) for k in paths}
+
+
+def load_tree(ckpt: str, name: str) -> dict:
+    """One stored tree as a nested dict of CPU tensors, in the key order it was saved with."""
+    flat = _read(ckpt, name)
     if list(flat) == ["value"]:
         return flat["value"]
     return tree.unflatten(flat)
@@ -144,9 +152,7 @@ def restore_like(ckpt: str, name: str, like):
     compiled step sees exactly the structure it was traced with.
     """
     f = os.path.join(ckpt, f"{name}.safetensors")
-    if not os.path.isfile(f):
-        raise FileNotFoundError(f"{ckpt}: no {name}.safetensors in this checkpoint")
-    flat = safetensors.torch.load_file(f)
+    flat = _read(ckpt, name)
     if not isinstance(like, dict):
         return flat["value"].to(device=like.device, dtype=like.dtype)
     want = tree.flatten(like)

@@ -1,0 +1,300 @@
+"""The training loop: init or resume, run the compiled step, log, sample, checkpoint.
+
+`train(cfg, workdir)` is what run_train.py calls (big_vision / flax-examples style:
+the script holds only flags). Parameters come from `cfg.init_from` (any checkpoint
+`sd_func.checkpoint.load` reads: a diffusers folder, a CompVis or native file) or
+from a random init keyed by cfg.seed. The UNet (and, with
+cfg.train.train_text_encoder, the text encoder) trains; the VAE and text encoder
+are frozen. Each step's batch is this rank's slice of the global batch, plus the
+per-example noise, timesteps and dropout flags of `step.step_inputs`, which depend
+only on (seed, step, global example index): so 1 or N processes, and a run resumed
+from a checkpoint, compute the same updates. Rank 0 alone writes checkpoints,
+metrics and samples. A workdir that already holds a checkpoint is resumed from its
+newest complete one.
+"""
+
+import math
+import os
+import time
+
+import ml_collections
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from sd_func import data, random, tree
+from sd_func.models import autoencoder, text_encoder, tokenizer, unet
+from sd_func.train import checkpointing, distributed
+from sd_func.train import logging as train_logging
+from sd_func.train import state as train_state
+from sd_func.train import step as train_step_lib
+
+_INIT_TAG = 0x1A17   # init keys: apart from the step noise and the data keys of the same seed
+_STEP_TAG = 0x57E9
+_MODELS = ("unet", "vae", "text_encoder")
+
+
+def root_keys(seed: int) -> tuple[int, int]:
+    """(init key, step key) of a run seed."""
+    root = random.key(seed)
+    return random.fold_in(root, _INIT_TAG), random.fold_in(root, _STEP_TAG)
+
+
+def init_params(cfg) -> tuple[dict, ml_collections.ConfigDict]:
+    """(params {"unet", "vae", "text_encoder"}, cfg): from cfg.init_from, or random from cfg.seed.
+
+    With init_from the model sections of the returned cfg are the checkpoint's.
+    """
+    init_from = cfg.get("init_from", "") or ""
+    if init_from:
+        from sd_func import checkpoint
+        params, cfg = checkpoint.load(init_from, cfg=cfg, ema=None)
+        return tree.cast(params, torch.float32), cfg
+    k_unet, k_vae, k_te = random.split(root_keys(cfg.seed)[0], 3)
+    params = {"unet": unet.init(k_unet, cfg.unet), "vae": autoencoder.init(k_vae, cfg.vae),
+              "text_encoder": text_encoder.init(k_te, cfg.text_encoder)}
+    return params, cfg
+
+
+def _with_models(cfg, stored: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """cfg with the model and diffusion sections of a stored config."""
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        for k in (*_MODELS, "diffusion"):
+            if k in stored:
+                cfg[k] = stored[k]
+    return cfg
+
+
+def _gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _save(workdir, step, state, frozen_models, source, cfg, world, main):
+    positions = _gather(source.state(), world)  # every rank's data position (streams differ)
+    if main:
+        trees = {k: v for k, v in state.items() if isinstance(v, dict)}
+        trees["state"] = {k: v for k, v in state.items() if not isinstance(v, dict)}
+        trees["frozen"] = frozen_models
+        meta = {"data": {"ranks": positions}, "world": world, "config": checkpointing.config_json(cfg)}
+        checkpointing.save(workdir, step, trees, meta, keep=int(cfg.train.keep_checkpoints))
+    distributed.barrier()
+
+
+def _restore_state(ckpt: str, state: dict) -> dict:
+    stored = set(checkpointing.read_meta(ckpt)["files"])
+    out = {}
+    scalars = {k: v for k, v in state.items() if not isinstance(v, dict)}
+    restored = checkpointing.restore_like(ckpt, "state", scalars) if scalars else {}
+    for k, v in state.items():
+        if not isinstance(v, dict):
+            out[k] = restored[k]
+        elif k == "loss_scale" and k not in stored:  # precision changed to fp16: a fresh scale
+            out[k] = v
+        else:
+            out[k] = checkpointing.restore_like(ckpt, k, v)
+    return out
+
+
+def _sampler(cfg):
+    """pipelines.txt2img if the pipelines package provides it, else None."""
+    try:
+        from sd_func import pipelines
+    except ImportError:
+        return None
+    return getattr(pipelines, "txt2img", None)
+
+
+def sample_grid(txt2img, state: dict, frozen_models: dict, cfg, workdir: str, step: int) -> str:
+    """A grid of cfg.sample.prompts with the EMA weights, to <workdir>/samples/<step>.png."""
+    from sd_func.pipelines import images as image_lib
+    trained = state["ema"] if cfg.sample.get("ema", True) else state["params"]
+    params = dict(frozen_models, **trained)
+    prompts = list(cfg.sample.prompts)
+    with torch.no_grad():
+        out = txt2img(params, cfg, prompts, seeds=list(range(len(prompts))), steps=int(cfg.sample.steps),
+                      sampler=cfg.sample.sampler, guidance_scale=float(cfg.sample.guidance_scale))
+    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+    path = os.path.join(workdir, "samples", f"{step}.png")
+    image_lib.save_png(path, image_lib.grid(out.cpu()), {"step": step, "prompts": prompts,
+                                                         "sampler": cfg.sample.sampler, "steps": cfg.sample.steps})
+    return path
+
+
+def _prepare(batch: dict, step: int, key: int, cfg, tok, shape, device) -> tuple[dict, int]:
+    """The step's inputs: tensors on device, token ids for captions, step_inputs' noise."""
+    skipped = int(batch.pop("skipped", 0))
+    captions = batch.pop("captions", None)
+    out = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "index"}
+    if "images" in out:
+        out["input_ids"] = tokenizer.encode(tok, captions, max_length=_max_length(cfg)).to(device)
+    out.update(train_step_lib.step_inputs(cfg, key, step, batch["index"].tolist(), shape, device=device))
+    return out, skipped
+
+
+def _max_length(cfg) -> int:
+    return min(77, int(cfg.text_encoder.max_position_embeddings))
+
+
+def _latent_shape(cfg, source) -> tuple:
+    ds = getattr(source, "meta", None)
+    if isinstance(ds, dict) and "moments_shape" in ds:  # precached latents: the stored shape
+        c2, h, w = ds["moments_shape"][-3:]
+        return (c2 // 2, h, w)
+    return train_step_lib.latent_shape(cfg)
+
+
+def _frozen_inputs(cfg, frozen_models: dict, source, tok, device) -> dict:
+    """What the step takes besides the state: frozen nets, the empty prompt for cond_drop."""
+    frozen = {k: v for k, v in frozen_models.items()}
+    if tok is not None:
+        frozen["uncond_ids"] = tokenizer.encode(tok, [""], max_length=_max_length(cfg))[0]
+    empty = getattr(source, "empty_context", None)
+    if empty is not None:
+        frozen["uncond_context"] = empty[None].float()
+    return tree.to(frozen, device=device)
+
+
+def _host_metrics(history: list[dict], skipped_data: int, world: int, images: int, seconds: float) -> dict:
+    """Interval metrics on the host: the mean loss, the last values of the others."""
+    last = {k: v.detach().float().cpu().item() for k, v in history[-1].items()}
+    last["loss"] = torch.stack([m["loss"].detach().float() for m in history]).mean().cpu().item()
+    if world > 1:  # data skips are per rank: sum them
+        s = distributed.all_reduce_mean({"s": torch.tensor(float(skipped_data))})["s"]
+        skipped_data = round(float(s) * world)
+    last["skipped_steps"] = last.pop("skipped", 0.0)
+    last["skipped_samples"] = float(skipped_data)
+    last["images_per_s"] = images / max(seconds, 1e-9)
+    return last
+
+
+def _check_finite(row: dict, step: int, cfg, workdir: str) -> None:
+    bad = [k for k in ("loss", "param_norm") if k in row and not math.isfinite(row[k])]
+    if cfg.train.precision == "fp16" and bad == ["loss"]:
+        return  # fp16: a non-finite step is skipped and counted by the loss scaler
+    if bad:
+        last = checkpointing.latest(workdir)
+        raise FloatingPointError(
+            f"training diverged at step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} "
+            f"(lr={row.get('lr')}, grad_norm={row.get('grad_norm')}); last checkpoint: {last}. "
+            "Lower config.train.lr, raise warmup or use precision=fp32 and resume.")
+
+
+def train(cfg, workdir: str) -> dict:
+    """Train cfg in workdir (resuming its newest checkpoint); returns this rank's final state."""
+    rank, world, device = distributed.init()
+    try:
+        return _train(cfg, workdir, rank, world, device)
+    finally:
+        distributed.shutdown()
+
+
+def _train(cfg, workdir, rank, world, device) -> dict:
+    main = rank == 0
+    tcfg = cfg.train
+    global_batch, total = int(tcfg.batch_size), int(tcfg.steps)
+    if global_batch % world:
+        raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the world size {world}")
+    workdir = os.path.abspath(workdir)
+    if main:
+        os.makedirs(workdir, exist_ok=True)
+        checkpointing.clean_partial(workdir)
+    distributed.barrier()
+
+    ckpt = checkpointing.latest(workdir)
+    if ckpt is not None:
+        meta = checkpointing.read_meta(ckpt)
+        stored_cfg = checkpointing.config_from_json(meta["config"])
+        if cfg.get("init_from", ""):
+            cfg = _with_models(cfg, stored_cfg)  # the pretrained architecture, as first resolved
+        else:
+            checkpointing.check_architecture(meta["config"], cfg, ckpt)
+        start = int(meta["step"])
+        trained = checkpointing.load_tree(ckpt, "params")
+        frozen_models = checkpointing.load_tree(ckpt, "frozen")
+        params = dict(frozen_models, **trained)
+    else:
+        meta, start = None, 0
+        params, cfg = init_params(cfg)
+    cfg = cfg.copy_and_resolve_references()
+    params = tree.to(params, device=device)
+
+    train_te = bool(tcfg.get("train_text_encoder", False))
+    state = train_state.init_state(cfg, params["unet"], params["text_encoder"] if train_te else None)
+    frozen_models = {k: params[k] for k in _MODELS if k in params and k not in state["params"]}
+    if ckpt is not None:
+        state = _restore_state(ckpt, state)
+
+    source = data.make_source(cfg.data, cfg.seed, rank, world)
+    if meta is not None and meta.get("data"):
+        source.restore(meta["data"])
+    # Token ids for captions, and the empty prompt for cond_drop unless the source has its context.
+    precached = getattr(source, "empty_context", None) is not None
+    tok = None if precached else tokenizer.load(cfg.text_encoder.tokenizer)
+    frozen = _frozen_inputs(cfg, frozen_models, source, tok, device)
+    shape = _latent_shape(cfg, source)
+    step_key = root_keys(cfg.seed)[1]
+    step_fn = train_step_lib.make_train_step(cfg, world)
+    txt2img = _sampler(cfg) if int(tcfg.sample_every or 0) > 0 and main else None
+
+    writer = None
+    if main:
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            fh.write(cfg.to_json_best_effort(indent=1, sort_keys=True))
+        writer = train_logging.Writer(workdir, start_step=start)
+        what = f"resuming from {ckpt}" if ckpt else "starting from " + (cfg.get("init_from") or "random init")
+        tqdm.write(f"sd_func train: {what}; {tree.num_params(state['params']) / 1e6:.2f}M trained params, "
+                   f"global batch {global_batch} over {world} process(es), device {device}")
+        if int(tcfg.sample_every or 0) > 0 and txt2img is None:
+            tqdm.write("sd_func train: sd_func.pipelines.txt2img not available; no sample grids")
+
+    bar = tqdm(total=total, initial=start, disable=not main, dynamic_ncols=True, desc="train")
+    history, skipped_data, t0, n0 = [], 0, time.perf_counter(), start
+    saved = start if ckpt is not None else -1
+    log_every, ckpt_every = int(tcfg.log_every or 0), int(tcfg.checkpoint_every or 0)
+    sample_every = int(tcfg.sample_every or 0)
+    try:
+        for s in range(start, total):
+            batch, skipped = _prepare(source.batch(s, global_batch), s, step_key, cfg, tok, shape, device)
+            skipped_data += skipped
+            state, metrics = step_fn(state, frozen, batch)
+            history.append(metrics)
+            done = s + 1
+            bar.update(1)
+            if (log_every and done % log_every == 0) or done == total:
+                row = _host_metrics(history, skipped_data, world, (done - n0) * global_batch,
+                                    time.perf_counter() - t0)
+                _check_finite(row, done, cfg, workdir)
+                if main:
+                    writer.write(done, row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
+                    if skipped_data:
+                        tqdm.write(f"step {done}: {skipped_data} unreadable data sample(s) skipped")
+                history, skipped_data, t0, n0 = [], 0, time.perf_counter(), done
+            if ckpt_every and done % ckpt_every == 0:
+                _save(workdir, done, state, frozen_models, source, cfg, world, main)
+                saved = done
+            if txt2img is not None and done % sample_every == 0:
+                path = sample_grid(txt2img, state, frozen_models, cfg, workdir, done)
+                writer.image(done, "samples", _read_png(path))
+        if saved != total and total > start:
+            _save(workdir, total, state, frozen_models, source, cfg, world, main)
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
+        close = getattr(source, "close", None)
+        if close is not None:
+            close()
+    return state
+
+
+def _read_png(path: str) -> torch.Tensor:
+    import numpy as np
+    import PIL.Image
+    with PIL.Image.open(path) as im:
+        return torch.from_numpy(np.array(im.convert("RGB")))
