@@ -78,7 +78,8 @@ def max_length(cfg) -> int:
 
 
 def clip_skip(cfg) -> int:
-    return int(cfg.get("sample", {}).get("clip_skip", 0) or 0)
+    """Training conditions on the last layer unless config.train.clip_skip says otherwise."""
+    return int(cfg.get("train", {}).get("clip_skip", 0) or 0)
 
 
 def precache(params: dict, cfg, out: str, seed: int = 0, num_examples: int | None = None,
@@ -92,6 +93,9 @@ def precache(params: dict, cfg, out: str, seed: int = 0, num_examples: int | Non
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".precache-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the result is an ordinary folder
     shards, pending, skipped = [], [], 0
     buf = {"moments": [], "context": [], "captions": []}
 
@@ -161,10 +165,10 @@ def main(argv):
     device = F.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if F.ckpt:
         from sd_func import checkpoint
-        params, ckpt_cfg = checkpoint.load(F.ckpt)
-        for name in ("vae", "text_encoder"):   # the architecture comes from the checkpoint
-            if name in ckpt_cfg:
-                cfg[name] = ckpt_cfg[name]
+        tok = cfg.text_encoder.get("tokenizer", "")
+        params, cfg = checkpoint.load(F.ckpt, cfg=cfg)   # the architecture comes from the checkpoint
+        if not cfg.text_encoder.get("tokenizer") and tok:   # e.g. a CompVis file carries no tokenizer
+            cfg.text_encoder.tokenizer = tok
     else:
         k_vae, k_te = random.split(random.key(cfg.seed), 2)
         params = {"vae": autoencoder.init(k_vae, cfg.vae), "text_encoder": text_encoder.init(k_te, cfg.text_encoder)}

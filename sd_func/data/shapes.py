@@ -4,7 +4,8 @@ Each example is a pure function of (seed, index): a background color, a
 different shape color, a shape kind (circle, axis-aligned square, or isosceles
 triangle with its apex up and base equal to its height), a half-size of 12 to
 22 px and a center jittered up to 8 px each way (sizes at 64 px, scaled with the
-resolution), drawn with numpy and 4x4 supersampled anti-aliasing. The caption is
+resolution), drawn with numpy, anti-aliased (exact coverage along x, 8 samples
+per pixel along y). The caption is
 "a {color} {shape} on a {background} background": 6 * 5 * 3 = 90 prompts, which
 `sd_func.eval.shapes` reads back from pixels.
 """
@@ -63,21 +64,27 @@ def attributes(seed: int, index: int, resolution: int = 64) -> dict:
                 background=background, half_size=half_size, center=center)
 
 
-def coverage(shape: str, half_size: float, center, resolution: int, supersample: int = 4) -> np.ndarray:
-    """Fraction of each pixel covered by the shape: float32 [R, R] in [0, 1]."""
-    s = supersample
-    t = (np.arange(resolution * s, dtype=np.float64) + 0.5) / s     # subpixel centers
-    x, y = t[None, :] - center[0], t[:, None] - center[1]
-    h = half_size
+def coverage(shape: str, half_size: float, center, resolution: int, supersample: int = 8) -> np.ndarray:
+    """Fraction of each pixel covered by the shape: float32 [R, R] in [0, 1].
+
+    Every shape is, row by row, one interval [cx - w(y), cx + w(y)]; each pixel's
+    overlap with it is exact in x and averaged over `supersample` rows in y.
+    """
+    s, h = supersample, float(half_size)
+    y = (np.arange(resolution * s, dtype=np.float32) + 0.5) / s - center[1]
+    rows = np.abs(y) <= h
     if shape == "circle":
-        inside = x * x + y * y <= h * h
+        w = np.sqrt(np.clip(h * h - y * y, 0, None))
     elif shape == "square":
-        inside = (np.abs(x) <= h) & (np.abs(y) <= h)
+        w = np.full_like(y, h)
     elif shape == "triangle":   # apex (0, -h), base from (-h, h) to (h, h): half-width grows by 1/2 per px
-        inside = (y >= -h) & (y <= h) & (np.abs(x) <= (y + h) / 2)
+        w = (y + h) / 2
     else:
         raise ValueError(f"shapes: unknown shape {shape!r}; expected one of {SHAPES}")
-    return inside.reshape(resolution, s, resolution, s).mean(axis=(1, 3)).astype(np.float32)
+    w = np.where(rows, w, 0)[:, None]
+    x = np.arange(resolution, dtype=np.float32)[None, :]
+    overlap = np.minimum(x + 1, center[0] + w) - np.maximum(x, center[0] - w)
+    return np.clip(overlap, 0, 1).reshape(resolution, s, resolution).mean(axis=1)
 
 
 def draw(color: str, shape: str, background: str, half_size: float, center, resolution: int = 64) -> np.ndarray:
