@@ -13,6 +13,8 @@ import functools
 import json
 import os
 import re
+import socket
+import urllib.parse
 
 import torch
 import transformers
@@ -148,12 +150,39 @@ def load(spec: str) -> transformers.CLIPTokenizer:
         return transformers.CLIPTokenizer.from_pretrained(d)
     parts = spec.strip("/").split("/")
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    missing = (f"tokenizer {spec!r}: not a local folder and no CLIP vocabulary could be fetched "
+               f"from the hub. {hint}")
+    # The local HF cache first; the network only when the hub answers at all (without a
+    # network huggingface_hub retries each file for minutes before failing).
+    for local_only in (True, False):
+        if not local_only and not _hub_reachable():
+            break
+        try:
+            tok = transformers.CLIPTokenizer.from_pretrained(repo, subfolder=sub, local_files_only=local_only)
+        except Exception as e:  # unknown repo, no tokenizer files: one clear message
+            if local_only:
+                continue
+            raise FileNotFoundError(f"{missing} ({type(e).__name__}: {e})") from e
+        # transformers >= 5 returns an empty tokenizer (2 special tokens) when no vocab file is found.
+        if len(tok.get_vocab()) >= 512:
+            return tok
+    raise FileNotFoundError(missing)
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """False when offline mode is set or the hub endpoint does not accept a connection."""
+    from huggingface_hub import constants
+    if constants.HF_HUB_OFFLINE:
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # a proxy decides; let huggingface_hub try
+    url = urllib.parse.urlparse(constants.ENDPOINT)
     try:
-        return transformers.CLIPTokenizer.from_pretrained(repo, subfolder=sub)
-    except Exception as e:  # offline, unknown repo, no tokenizer files: one clear message
-        raise FileNotFoundError(
-            f"tokenizer {spec!r}: not a local folder and could not be fetched from the hub "
-            f"({type(e).__name__}). {hint}") from e
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def encode(tok, prompts, max_length: int = 77) -> torch.Tensor:
