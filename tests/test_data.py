@@ -213,6 +213,27 @@ def test_webdataset_corrupt_epoch_and_world_split(shards, caplog):
     assert {shard_of(c) for c in ranks[1]["captions"]} <= {1, 3}
 
 
+def test_webdataset_truncated_and_non_tar_shards(tmp_path, caplog):
+    samples = [(f"k{i}", {"png": image_bytes((i, 0, 0), size=(64, 64)), "txt": b"t"}) for i in range(4)]
+    write_shard(tmp_path / "a.tar", samples)
+    raw = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(raw[:5 * 1024 + 100])   # (header + 1 data block) per member: cut in sample 2
+    (tmp_path / "b.tar").write_bytes(b"not a tar file at all" * 40)
+    decode = lambda offset, files, tf, where: webdataset.decode_sample(files, tf, where, 8, 0, data_cfg())
+    with caplog.at_level(logging.WARNING, logger="sd_func.data"):
+        got = [ex is not None for _, ex in webdataset.read_shard(str(tmp_path / "a.tar"), 0, decode)]
+        assert got == [True, True, False]
+        (tmp_path / "c.tar").write_bytes(raw[:6 * 1024 + 100])   # cut in a header: tarfile stops quietly
+        got = [ex is not None for _, ex in webdataset.read_shard(str(tmp_path / "c.tar"), 0, decode)]
+        assert got == [True, True, False]
+        assert [ex is not None for _, ex in webdataset.read_shard(str(tmp_path / "c.tar"), 2, decode)] == [False]
+        assert [ex for _, ex in webdataset.read_shard(str(tmp_path / "b.tar"), 0, decode)] == [None]
+    assert "b.tar" in caplog.text and "a.tar" in caplog.text
+    src = data.make_source(data_cfg(kind="webdataset", path=str(tmp_path / "{a,b}.tar"), resolution=8), 0)
+    b = concat([src.batch(s, 2) for s in range(3)])
+    assert b["skipped"] >= 2 and len(b["captions"]) == 6
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_webdataset_state_restore(shards, workers):
     cfg = data_cfg(kind="webdataset", path=shards, resolution=8, random_flip=True, num_workers=workers)

@@ -15,7 +15,7 @@ next step's batch ahead of time; they change speed, never content.
 import concurrent.futures
 import logging
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
@@ -158,10 +158,3 @@ class MapSource:
                 ex.shutdown(wait=False, cancel_futures=True)
         self._pool = self._ahead = self._pending = None
 
-
-def parallel_map(fn: Callable, items, num_workers: int) -> list:
-    """[fn(x) for x in items], in order, on `num_workers` threads when > 0."""
-    if num_workers <= 0:
-        return [fn(x) for x in items]
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-        return list(pool.map(fn, items))

@@ -109,15 +109,22 @@ def read_shard(path: str, start: int, decode_fn):
     """Yield (sample offset, example | None) for the samples of a shard from offset `start` on.
 
     Samples before `start` are only counted (their data is never read);
-    decode_fn(offset, files, tarfile, name) makes the example. A truncated or unreadable tar ends the shard with one corrupt sample.
+    decode_fn(offset, files, tarfile, name) makes the example. A truncated or
+    unreadable tar ends the shard with one corrupt sample.
     """
     index = 0
     try:
         with tarfile.open(path, "r:") as tf:
-            current, files = None, {}
+            size, current, files = os.path.getsize(path), None, {}
             while True:
                 info = tf.next()
+                # tarfile ends quietly at a cut header: then the end-of-archive blocks are missing
+                truncated = info is None and size - tf.offset < tarfile.BLOCKSIZE
                 k = _split_key(info.name) if info is not None else None
+                if truncated and index >= start:
+                    log.warning("data: shard %s is truncated after %d samples; skipping its rest", path, index)
+                    yield index, None
+                    return
                 if current is not None and (info is None or k[0] != current):
                     if index >= start:
                         yield index, decode_fn(index, files, tf, f"{path}:{current}")
