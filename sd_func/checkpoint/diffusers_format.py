@@ -124,8 +124,8 @@ def load(folder: str, cfg=None, ema=False, dtype=None) -> tuple[dict, ml_collect
                                     "pipelines hold the EMA weights); load it with ema=False")
     for name in ("unet", "vae", "text_encoder"):
         _component(folder, name, index)
-    tok_dir = os.path.join(os.path.abspath(folder), "tokenizer")
-    if os.path.isfile(os.path.join(tok_dir, "vocab.json")):
+    tok_dir = tokenizer_dir(os.path.join(os.path.abspath(folder), "tokenizer"))
+    if tok_dir is not None:
         tokenizer = tok_dir
     else:
         tokenizer = cfg.text_encoder.get("tokenizer", "") if cfg is not None and "text_encoder" in cfg else ""
@@ -155,6 +155,16 @@ def _version() -> str:
         return "0.30.0"
 
 
+def tokenizer_dir(path: str) -> str | None:
+    """path or path/tokenizer, whichever holds CLIP tokenizer files (vocab.json + merges.txt,
+    or the tokenizer.json that transformers >= 5 writes alone); None if neither does."""
+    for d in (path, os.path.join(path, "tokenizer")):
+        if (os.path.isfile(os.path.join(d, "tokenizer.json"))
+                or all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt"))):
+            return d
+    return None
+
+
 def _write_tokenizer(spec: str, dest: str, where: str) -> None:
     from sd_func.models import tokenizer
     if not spec:
@@ -164,7 +174,7 @@ def _write_tokenizer(spec: str, dest: str, where: str) -> None:
             "cfg.text_encoder.tokenizer to a local tokenizer folder (vocab.json + merges.txt), "
             "e.g. --config.text_encoder.tokenizer=PATH, or pass cfg= to checkpoint.load")
     src = os.path.expanduser(spec)
-    src = tokenizer._folder(src) if os.path.isdir(src) else None
+    src = tokenizer_dir(src) if os.path.isdir(src) else None
     if src is not None:
         shutil.copytree(src, dest)
         return

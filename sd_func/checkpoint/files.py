@@ -9,6 +9,7 @@ that no memory is allocated, and raises a `CheckpointError` that names the file 
 first offending keys; nothing is ever loaded partially.
 """
 
+import functools
 import json
 import os
 import shutil
@@ -225,23 +226,28 @@ def model_module(section: str):
 
 def expected_shapes(section: str, section_cfg) -> dict[str, tuple]:
     """{"a/b/weight": shape} of `init(key, cfg)` for one model, without allocating it."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    return dict(_expected_shapes(section, section_cfg.to_json()))
+
+
+@functools.lru_cache(maxsize=32)
+def _expected_shapes(section: str, cfg_json: str) -> tuple:
+    section_cfg = config_from_json(cfg_json, f"cfg.{section}")
     init = model_module(section).init
-    try:
-        with FakeTensorMode():
+    try:  # meta tensors: shapes only, no memory, no random numbers drawn
+        with torch.device("meta"):
             params = init(0, section_cfg)
-            return {k: tuple(v.shape) for k, v in tree.flatten(params).items()}
-    except (RuntimeError, NotImplementedError, TypeError):  # an op FakeTensorMode lacks
+    except (RuntimeError, NotImplementedError, TypeError):  # an op without a meta kernel
         params = init(0, section_cfg)
-        return {k: tuple(v.shape) for k, v in tree.flatten(params).items()}
+    return tuple((k, tuple(v.shape)) for k, v in tree.flatten(params).items())
 
 
 def check_tree(got: dict[str, torch.Tensor], expected: dict[str, tuple], where: str,
-               extra_hint: str = "") -> None:
-    """Raise CheckpointError unless got (flat "/" paths) has exactly the expected keys and shapes."""
-    missing = [k for k in expected if k not in got]
-    unexpected = [k for k in got if k not in expected]
-    wrong = [f"{k}: expected {expected[k]}, got {tuple(got[k].shape)}"
+               extra_hint: str = "", prefix: str = "") -> None:
+    """Raise CheckpointError unless got (flat "/" paths) has exactly the expected keys and
+    shapes; the message names keys as prefix + path."""
+    missing = [prefix + k for k in expected if k not in got]
+    unexpected = [prefix + k for k in got if k not in expected]
+    wrong = [f"{prefix}{k}: expected {expected[k]}, got {tuple(got[k].shape)}"
              for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k])]
     if missing or unexpected or wrong:
         parts = []
@@ -264,7 +270,7 @@ def check_params(params: dict, cfg, where: str, extra_hint: str = "") -> None:
     for s in MODEL_SECTIONS:
         if s not in cfg:
             raise CheckpointError(f"{where}: cfg has no section {s!r}")
-        check_tree(tree.flatten(params[s]), expected_shapes(s, cfg[s]), f"{where} [{s}]", extra_hint)
+        check_tree(tree.flatten(params[s]), expected_shapes(s, cfg[s]), where, extra_hint, prefix=f"{s}/")
 
 
 def cast(params: dict, dtype) -> dict:

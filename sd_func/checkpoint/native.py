@@ -26,7 +26,7 @@ def save(params: dict, cfg: ml_collections.ConfigDict, path: str) -> None:
     files.check_params(model, cfg, path)
     if ema is not None:
         for k, sub in ema.items():
-            files.check_tree(tree.flatten(sub), files.expected_shapes(k, cfg[k]), f"{path} [ema/{k}]")
+            files.check_tree(tree.flatten(sub), files.expected_shapes(k, cfg[k]), path, prefix=f"ema/{k}/")
     meta = {"format": "pt", FORMAT_KEY: FORMAT, CONFIG_KEY: cfg.to_json()}
     files.write_safetensors(tree.flatten(params), path, metadata=meta)
 
