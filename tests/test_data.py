@@ -3,7 +3,6 @@
 import io
 import json
 import logging
-import os
 import tarfile
 
 import ml_collections
@@ -35,7 +34,7 @@ def concat(batches):
     out = {}
     for k in batches[0]:
         v = [b[k] for b in batches]
-        out[k] = torch.cat(v) if isinstance(v[0], torch.Tensor) else sum(v) if k == "skipped" else sum(v, [])
+        out[k] = torch.cat(v) if isinstance(v[0], torch.Tensor) else sum(v) if k == "skipped" else [x for l in v for x in l]
     return out
 
 

@@ -15,6 +15,8 @@ position is its state.
 
 from sd_func.data import folder, latents, loader, shapes, webdataset
 
+__all__ = ["KINDS", "folder", "latents", "loader", "make_source", "shapes", "webdataset"]
+
 KINDS = {
     "shapes": shapes.make_source,
     "folder": folder.make_source,

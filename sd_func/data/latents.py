@@ -19,7 +19,6 @@ import json
 import os
 import threading
 
-import torch
 from safetensors import safe_open
 
 from sd_func.data import loader

@@ -15,7 +15,7 @@ next step's batch ahead of time; they change speed, never content.
 import concurrent.futures
 import logging
 import threading
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -84,13 +84,13 @@ class MapSource:
         self._perms: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._pool = self._ahead = None
-        self._pending: Optional[tuple] = None
+        self._pending: tuple | None = None
         if self.num_workers > 0:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, "sd_func-data")
             self._ahead = concurrent.futures.ThreadPoolExecutor(1, "sd_func-data-ahead")
 
     @property
-    def num_examples(self) -> Optional[int]:
+    def num_examples(self) -> int | None:
         return self.dataset.num_examples
 
     def _order(self, epoch: int) -> torch.Tensor:

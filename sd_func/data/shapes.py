@@ -13,10 +13,9 @@ per pixel along y). The caption is
 import re
 
 import numpy as np
-import torch
 
 from sd_func import random
-from sd_func.data import loader
+from sd_func.data import loader, transforms
 
 COLORS = {
     "red": (220, 40, 40),
@@ -100,11 +99,6 @@ def example(seed: int, index: int, resolution: int = 64) -> tuple[np.ndarray, st
     return draw(resolution=resolution, **a), caption(a["color"], a["shape"], a["background"])
 
 
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
-
-
 class ShapesDataset:
     """Infinite and index-addressed: example i is `example(seed, i)`."""
 
@@ -115,7 +109,7 @@ class ShapesDataset:
 
     def load(self, index: int, key=None) -> dict:
         image, text = example(self.seed, index, self.resolution)
-        return {"images": to_tensor(image), "captions": text}
+        return {"images": transforms.to_tensor(image), "captions": text}
 
 
 def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1) -> loader.MapSource:

@@ -34,7 +34,7 @@ def try_decode(source, name: str):
     """`decode`, or None with a warning naming the file when it cannot be read."""
     try:
         return decode(source)
-    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         log.warning("data: skipping unreadable image %s (%s: %s)", name, type(e).__name__, e)
         return None
 
@@ -51,13 +51,18 @@ def preprocess(img: Image.Image, resolution: int, key: int, center_crop: bool = 
     w, h = size
     u = random.uniform(key, (3,)).tolist()
     if center_crop:
-        top, left = int(round((h - r) / 2.0)), int(round((w - r) / 2.0))
+        top, left = round((h - r) / 2.0), round((w - r) / 2.0)
     else:
         top, left = min(math.floor(u[0] * (h - r + 1)), h - r), min(math.floor(u[1] * (w - r + 1)), w - r)
     x = np.array(img.crop((left, top, left + r, top + r)), dtype=np.uint8)
     if random_flip and u[2] < 0.5:
         x = x[:, ::-1]
-    return torch.from_numpy(np.ascontiguousarray(x)).permute(2, 0, 1).float() / 127.5 - 1.0
+    return to_tensor(x)
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W, 3] -> float32 [3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 127.5 - 1.0
 
 
 def is_image(path: str) -> bool:

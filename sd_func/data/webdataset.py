@@ -14,7 +14,6 @@ offset in the shard, examples consumed) is the source's state(), so a resumed
 run continues exactly where it stopped.
 """
 
-import io
 import json
 import logging
 import os
@@ -209,7 +208,7 @@ class _Prefetch(threading.Thread):
             for item in gen:
                 if not self._put(item):
                     return
-        except BaseException as e:  # handed to the consumer, which raises it
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             self._put(e)
         finally:
             gen.close()
