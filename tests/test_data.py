@@ -62,6 +62,10 @@ def test_shapes_deterministic_and_world_split():
     for step in (5, 6, 5):   # prefetch of step 6 is used, then a jump back
         assert_same_batch(threaded.batch(step, 8), data.make_source(cfg, 3).batch(step, 8))
     threaded.close()
+    gathered = {"ranks": [h.state() for h in (data.make_source(cfg, 3, r, 2) for r in range(2))]}
+    data.make_source(cfg, 3).restore(json.loads(json.dumps(gathered)))   # map-style: any world resumes
+    with pytest.raises(ValueError, match="cannot restore"):
+        data.make_source(cfg, 3).restore({"ranks": [{"kind": "folder"}]})
     with pytest.raises(ValueError, match="divisible"):
         data.make_source(cfg, 3, rank=0, world=3).batch(0, 8)
 

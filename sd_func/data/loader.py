@@ -149,6 +149,9 @@ class MapSource:
         return {"kind": self.kind}
 
     def restore(self, state: dict) -> None:
+        """Check the kind; any world size may resume (a state or {"ranks": [state, ...]})."""
+        if state and "ranks" in state:
+            state = state["ranks"][0] if state["ranks"] else {}
         if state and state.get("kind", self.kind) != self.kind:
             raise ValueError(f"data: cannot restore a {state.get('kind')!r} position into a {self.kind!r} source")
 
