@@ -122,3 +122,21 @@ def test_config_round_trip_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"\[B,4,H,W\]"):
         autoencoder.decode(p, torch.zeros(1, 3, 4, 4), autoencoder.config(**TINY))
 
+
+
+@pytest.mark.slow
+def test_full_size_sd_vae_parity():
+    cfg = autoencoder.config()
+    p = _perturbed(cfg)
+    ref = _reference(cfg, p)
+    images = random.uniform(random.key(2), (1, 3, 64, 64), -1, 1)
+    z = random.normal(random.key(3), (1, 4, 8, 8))
+    with torch.no_grad():
+        mean, logvar = autoencoder.encode(p, images, cfg)
+        dist = ref.encode(images).latent_dist
+        out, out_ref = autoencoder.decode(p, z, cfg), ref.decode(z).sample
+    errs = [(mean - dist.mean).abs().max().item(), (logvar - dist.logvar).abs().max().item(),
+            (out - out_ref).abs().max().item()]
+    print("full-size VAE max abs err (mean, logvar, decode)", errs, "output std", out_ref.std().item())
+    assert out_ref.std() > 1e-2 and dist.mean.std() > 1e-2
+    assert max(errs) < 1e-3, errs

@@ -168,3 +168,22 @@ def test_unknown_tokenizer_gives_clear_error(tmp_path):
         tokenizer.load("")
     with pytest.raises(ValueError, match="builtin"):
         tokenizer.load("builtin:nope")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides", [{}, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                                               num_attention_heads=16, hidden_act="gelu", projection_dim=512)],
+                         ids=["sd1_vit_l", "sd2_openclip_h"])
+def test_full_size_parity(overrides):
+    cfg = text_encoder.config(**overrides)
+    p = _perturbed(cfg)
+    ref = _reference(cfg, p)
+    ids = _ids(cfg)
+    with torch.no_grad():
+        out = ref(ids, output_hidden_states=True)
+        err = (text_encoder.apply(p, ids, cfg) - out.last_hidden_state).abs().max().item()
+        final_ln = ref.final_layer_norm if hasattr(ref, "final_layer_norm") else ref.text_model.final_layer_norm
+        err_skip = (text_encoder.apply(p, ids, cfg, clip_skip=1) - final_ln(out.hidden_states[-2])).abs().max().item()
+    print(cfg.hidden_act, "full-size max abs err (last, clip_skip=1)", err, err_skip)
+    assert out.last_hidden_state.std() > 1e-2
+    assert max(err, err_skip) < 1e-3
