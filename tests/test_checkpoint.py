@@ -325,6 +325,65 @@ def test_compvis_openclip_sd2(tmp_path):
     assert checkpoint.load(path, cfg=cfg2)[1].diffusion.prediction_type == "epsilon"
 
 
+def _meta_models(unet_kw, vae_kw, text_kw):
+    with torch.device("meta"):  # full size, no memory
+        return dict(unet=diffusers.UNet2DConditionModel(**unet_kw), vae=diffusers.AutoencoderKL(**vae_kw),
+                    text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_kw)))
+
+
+@pytest.mark.parametrize("release", ["sd15", "sd21_768v"])
+def test_full_size_names_and_inferred_architecture(release):
+    """SD 1.5 and SD 2.1 (768-v) at full size on the meta device: the inferred config is the
+    released diffusers config, and diffusers' converters read our names back, shape for shape."""
+    vae_kw = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                  down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    if release == "sd15":
+        unet_kw, text_kw = dict(cross_attention_dim=768, sample_size=64), dict(projection_dim=768)
+        vae_kw["sample_size"] = 512
+    else:
+        unet_kw = dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
+                       use_linear_projection=True, upcast_attention=True, sample_size=96)
+        text_kw = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+                       num_attention_heads=16, hidden_act="gelu", projection_dim=512)
+        vae_kw["sample_size"] = 768
+    ref = _meta_models(unet_kw, vae_kw, text_kw)
+    cfg = checkpoint.files.ml_collections.ConfigDict(dict(
+        unet=unet.from_diffusers_config(dict(ref["unet"].config)),
+        vae=autoencoder.from_diffusers_config(dict(ref["vae"].config)),
+        text_encoder=text_encoder.from_diffusers_config(ref["text_encoder"].config.to_dict())))
+    params = dict(unet=tree.from_state_dict(_sd(ref["unet"])), vae=tree.from_state_dict(_sd(ref["vae"])),
+                  text_encoder=text_encoder.from_state_dict(_sd(ref["text_encoder"])))
+    sd = compvis.to_state_dict(params, cfg)
+    if release == "sd21_768v":  # the released file has OpenCLIP's 24th layer, unused by SD 2
+        for k in [k for k in sd if ".resblocks.22." in k]:
+            sd[k.replace(".resblocks.22.", ".resblocks.23.")] = sd[k]
+    inferred = compvis.detect_config(sd, {}, release)
+    for s in ("unet", "vae"):
+        assert inferred[s] == cfg[s], s
+    assert inferred.text_encoder == cfg.text_encoder
+    assert inferred.diffusion.prediction_type == ("epsilon" if release == "sd15" else "v_prediction")
+    p = compvis.from_state_dict(sd, inferred, release)
+    assert {k: v.shape for k, v in tree.flatten(p).items()} == {k: v.shape for k, v in tree.flatten(params).items()}
+    got = sfu.convert_ldm_unet_checkpoint(sd, dict(ref["unet"].config))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in _sd(ref["unet"]).items()}
+    got = sfu.convert_ldm_vae_checkpoint(sd, dict(ref["vae"].config))
+    assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in _sd(ref["vae"]).items()}
+
+
+def test_training_workdir(sd1, tmp_path):
+    from sd_func.train import checkpointing
+    p, cfg = sd1["params"], sd1["cfg"]
+    ema_unet = tree.tree_map(lambda x: x + 1, p["unet"])
+    trees = {"params": {"unet": p["unet"]}, "ema": {"unet": ema_unet},
+             "frozen": {"vae": p["vae"], "text_encoder": p["text_encoder"]}}
+    checkpointing.save(str(tmp_path), 5, trees, {"config": checkpointing.config_json(cfg)})
+    assert checkpoint.detect(str(tmp_path)) == "workdir"
+    raw, cfg2 = checkpoint.load(str(tmp_path))
+    _assert_trees_equal(raw, p)
+    assert cfg2.unet == cfg.unet
+    _assert_trees_equal(checkpoint.load(str(tmp_path), ema=True)[0]["unet"], ema_unet)
+
+
 # ------------------------------------------------------------------------ errors
 
 

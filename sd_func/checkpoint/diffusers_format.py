@@ -106,13 +106,18 @@ def _state_to_params(name: str, sd: dict) -> dict:
     return tree.from_state_dict(sd)
 
 
-def diffusion_config(d: dict) -> ml_collections.ConfigDict:
+def diffusion_config(d: dict, where: str = "scheduler_config.json") -> ml_collections.ConfigDict:
     """cfg.diffusion from a scheduler_config.json: the keys schedules.config() has, the
-    missing ones at its defaults (other scheduler keys are dropped)."""
+    missing ones at its defaults (other scheduler keys, e.g. PNDM's skip_prk_steps, are dropped)."""
+    if d.get("trained_betas") is not None:
+        raise files.CheckpointError(f"{where}: trained_betas (an explicit beta list) is not supported")
     c = schedules.config()
     for k in list(c.keys()):
         if k in d and d[k] is not None:
-            c[k] = type(c[k])(d[k]) if isinstance(c[k], float) else d[k]
+            try:
+                c[k] = float(d[k]) if isinstance(c[k], float) else d[k]
+            except (TypeError, ValueError) as e:
+                raise files.CheckpointError(f"{where}: {k}={d[k]!r}: {e}") from e
     return c
 
 
@@ -140,7 +145,7 @@ def load(folder: str, cfg=None, ema=False, dtype=None) -> tuple[dict, ml_collect
         files.check_tree(tree.flatten(p), files.expected_shapes(name, model_cfg[name]), wpath)
         params[name] = p
     sched = os.path.join(folder, "scheduler", "scheduler_config.json")
-    model_cfg.diffusion = diffusion_config(_read_json(sched) if os.path.isfile(sched) else {})
+    model_cfg.diffusion = diffusion_config(_read_json(sched) if os.path.isfile(sched) else {}, sched)
     return files.cast(params, dtype), files.merge_config(model_cfg, cfg)
 
 
