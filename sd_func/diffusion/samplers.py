@@ -43,12 +43,12 @@ def schedule(name: str, dcfg, steps: int) -> dict:
     if name in _DISCRETE:
         ts = schedules.timesteps(dcfg, steps, "ddim")
         ac = schedules.alphas_cumprod(dcfg)
-        stride = schedules._get(dcfg, "num_train_timesteps") // int(steps)
+        stride = schedules.field(dcfg, "num_train_timesteps") // int(steps)
         if name == "ddpm":
             prev, final = torch.cat([ts[1:], ts.new_tensor([-1])]), torch.tensor(1.0)
         else:
             prev = ts - stride
-            final = torch.tensor(1.0) if schedules._get(dcfg, "set_alpha_to_one") else ac[0]
+            final = torch.tensor(1.0) if schedules.field(dcfg, "set_alpha_to_one") else ac[0]
         ab_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
         return dict(timesteps=ts, alpha_bar=ac[ts], alpha_bar_prev=ab_prev, alphas_cumprod=ac,
                     final_alpha_bar=final, stride=stride)
@@ -68,7 +68,7 @@ def init_noise_sigma(name: str, dcfg, steps: int) -> float:
         _check(name, steps)
         return 1.0
     s_max = schedule(name, dcfg, steps)["sigmas"].max()
-    if schedules._get(dcfg, "timestep_spacing") in ("linspace", "trailing"):
+    if schedules.field(dcfg, "timestep_spacing") in ("linspace", "trailing"):
         return float(s_max)
     return float((s_max**2 + 1) ** 0.5)
 
@@ -133,13 +133,13 @@ def sample(name: str, model_fn, x, dcfg, steps: int, eta: float = 0.0, noise_fn=
     stochastic = name in ("ddpm", "euler_ancestral") or (name == "ddim" and eta > 0)
     if stochastic and noise_fn is None:
         raise ValueError(f"sampler {name!r} (eta={eta}) draws noise: pass noise_fn, e.g. noise_fn_from_keys(keys)")
-    if schedules._get(dcfg, "thresholding"):
+    if schedules.field(dcfg, "thresholding"):
         raise ValueError("cfg.diffusion.thresholding=True (dynamic thresholding) is not supported")
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     nf = None if noise_fn is None else (lambda i, shape: noise_fn(i + start, shape).to(x.device, x.dtype))
     cb = None if callback is None else (lambda info: callback({**info, "i": info["i"] + start}))
-    clip = schedules._get(dcfg, "clip_sample_range") if schedules._get(dcfg, "clip_sample") else None
+    clip = schedules.field(dcfg, "clip_sample_range") if schedules.field(dcfg, "clip_sample") else None
     ts = sch["timesteps"][start:]
 
     if name == "ddim" or name == "ddpm":
@@ -147,12 +147,12 @@ def sample(name: str, model_fn, x, dcfg, steps: int, eta: float = 0.0, noise_fn=
         ab, ab_prev = sch["alpha_bar"][start:], sch["alpha_bar_prev"][start:]
         if name == "ddim":
             return samplers_discrete.ddim(denoise_fn, x, ts, ab, ab_prev, eta, clip, nf, cb)
-        return samplers_discrete.ddpm(denoise_fn, x, ts, ab, ab_prev, schedules._get(dcfg, "variance_type"),
+        return samplers_discrete.ddpm(denoise_fn, x, ts, ab, ab_prev, schedules.field(dcfg, "variance_type"),
                                       clip, nf, cb)
     if name == "plms":
         return samplers_discrete.plms(make_denoise_fn(model_fn, dcfg, "output"), x, ts, sch["stride"],
                                       sch["alphas_cumprod"], sch["final_alpha_bar"],
-                                      schedules._get(dcfg, "prediction_type"), cb)
+                                      schedules.field(dcfg, "prediction_type"), cb)
     sigmas = sch["sigmas"][start:]
     if name.startswith("dpmpp"):
         return samplers_sigma.dpmpp_2m(make_denoise_fn(model_fn, dcfg, "vp"), x, sigmas, ts, cb)

@@ -10,7 +10,6 @@ x = alpha x0 + sigma_vp eps (alpha = 1/sqrt(sigma^2+1), sigma_vp = sigma alpha) 
 "vp" denoiser, so that it agrees with DPMSolverMultistepScheduler to float32 rounding.
 """
 
-import numpy as np
 import torch
 
 
@@ -76,15 +75,15 @@ def _clip(x0_hat, clip):
 def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
     """Linear multistep weights: integrals over [sigma_i, sigma_{i+1}] of the Lagrange
     basis polynomials through sigma_i, sigma_{i-1}, ... (exact, float64)."""
-    s = [float(v) for v in sigmas]
+    s = [float(v) for v in sigmas[max(i - order + 1, 0): i + 2]][::-1]  # s[1] = sigma_i, s[0] = sigma_{i+1}
     out = []
     for j in range(order):
-        basis = np.polynomial.Polynomial([1.0])
+        poly = [1.0]  # coefficients, lowest degree first
         for k in range(order):
-            if k != j:
-                basis = basis * np.polynomial.Polynomial([-s[i - k], 1.0]) / (s[i - j] - s[i - k])
-        integral = basis.integ()
-        out.append(float(integral(s[i + 1]) - integral(s[i])))
+            if k != j:  # multiply by (tau - sigma_{i-k}) / (sigma_{i-j} - sigma_{i-k})
+                c = 1.0 / (s[1 + j] - s[1 + k])
+                poly = [(a_lo - s[1 + k] * a) * c for a, a_lo in zip(poly + [0.0], [0.0] + poly)]
+        out.append(sum(a * (s[0] ** (d + 1) - s[1] ** (d + 1)) / (d + 1) for d, a in enumerate(poly)))
     return out
 
 

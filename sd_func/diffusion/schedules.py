@@ -70,9 +70,9 @@ def alphas_cumprod(dcfg) -> torch.Tensor:
     return torch.cumprod(1.0 - betas(dcfg), dim=0)
 
 
-def _get(dcfg, name):
+def field(dcfg, name):
     """A cfg.diffusion field, or schedules.config()'s default when the key is absent."""
-    return dcfg.get(name, _DEFAULTS[name]) if name in _DEFAULTS else dcfg[name]
+    return dcfg[name] if name in dcfg or name not in _DEFAULTS else _DEFAULTS[name]
 
 
 _DEFAULTS = dict(config().to_dict(), use_karras_sigmas=False,
@@ -88,8 +88,8 @@ def timesteps(dcfg, steps: int, family: str = "ddim") -> torch.Tensor:
     leading (t = i * T//n + steps_offset), trailing (round(T - i * T/n) - 1) or
     linspace (linspace(0, T-1, n)).
     """
-    T, n = int(_get(dcfg, "num_train_timesteps")), int(steps)
-    spacing, offset = _get(dcfg, "timestep_spacing"), int(_get(dcfg, "steps_offset"))
+    T, n = int(field(dcfg, "num_train_timesteps")), int(steps)
+    spacing, offset = field(dcfg, "timestep_spacing"), int(field(dcfg, "steps_offset"))
     if n < 1 or n > T:
         raise ValueError(f"steps={n}: expected 1 <= steps <= cfg.diffusion.num_train_timesteps={T}")
     if spacing not in SPACINGS:
@@ -124,7 +124,7 @@ def train_sigmas(dcfg) -> torch.Tensor:
     diffusers' sigma-space schedulers it is clamped to 2**-24 here.
     """
     ab = alphas_cumprod(dcfg)
-    if _get(dcfg, "rescale_betas_zero_snr"):
+    if field(dcfg, "rescale_betas_zero_snr"):
         ab[-1] = 2**-24
     return ((1 - ab) / ab) ** 0.5
 
@@ -168,10 +168,10 @@ def sigmas(dcfg, steps: int, family: str = "euler", karras=None):
     the schedule is squaredcos_cap_v2, as diffusers does).
     """
     if karras is None:
-        karras = bool(_get(dcfg, "use_karras_sigmas"))
-    if _get(dcfg, "interpolation_type") != "linear":
+        karras = bool(field(dcfg, "use_karras_sigmas"))
+    if field(dcfg, "interpolation_type") != "linear":
         raise ValueError(f"cfg.diffusion.interpolation_type={dcfg.interpolation_type!r}: only 'linear' is supported")
-    if _get(dcfg, "final_sigmas_type") != "zero":
+    if field(dcfg, "final_sigmas_type") != "zero":
         raise ValueError(f"cfg.diffusion.final_sigmas_type={dcfg.final_sigmas_type!r}: only 'zero' is supported")
     ts = timesteps(dcfg, steps, family).numpy()
     s_train = train_sigmas(dcfg).numpy()
@@ -187,7 +187,7 @@ def sigmas(dcfg, steps: int, family: str = "euler", karras=None):
         s = karras_sigmas(lo, hi, steps).numpy()
         ts = np.array([_sigma_to_t(np.asarray(v), log_s) for v in s])
         if family == "dpmsolver":
-            if _get(dcfg, "beta_schedule") != "squaredcos_cap_v2":
+            if field(dcfg, "beta_schedule") != "squaredcos_cap_v2":
                 ts = ts.round()
             ts = ts.astype(np.int64)
         else:
