@@ -159,7 +159,8 @@ def _frozen_inputs(cfg, frozen_models: dict, source, tok, device) -> dict:
     return tree.to(frozen, device=device)
 
 
-def _host_metrics(history: list[dict], skipped_data: int, world: int, images: int, seconds: float) -> dict:
+def _host_metrics(history: list[dict], skipped_data: int, world: int, images: int, seconds: float,
+                  precision: str) -> dict:
     """Interval metrics on the host: the mean loss, the last values of the others."""
     last = {k: v.detach().float().cpu().item() for k, v in history[-1].items()}
     last["loss"] = torch.stack([m["loss"].detach().float() for m in history]).mean().cpu().item()
@@ -167,6 +168,8 @@ def _host_metrics(history: list[dict], skipped_data: int, world: int, images: in
         s = distributed.all_reduce_mean({"s": torch.tensor(float(skipped_data))})["s"]
         skipped_data = round(float(s) * world)
     last["skipped_steps"] = last.pop("skipped", 0.0)
+    if precision != "fp16":
+        last.pop("loss_scale", None)
     last["skipped_samples"] = float(skipped_data)
     last["images_per_s"] = images / max(seconds, 1e-9)
     return last
@@ -186,6 +189,10 @@ def _check_finite(row: dict, step: int, cfg, workdir: str) -> None:
 
 def train(cfg, workdir: str) -> dict:
     """Train cfg in workdir (resuming its newest checkpoint); returns this rank's final state."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before a rendezvous could hang
+    if int(cfg.train.batch_size) % world:
+        raise ValueError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the "
+                         f"world size {world}")
     rank, world, device = distributed.init()
     try:
         return _train(cfg, workdir, rank, world, device)
@@ -205,6 +212,7 @@ def _train(cfg, workdir, rank, world, device) -> dict:
         checkpointing.clean_partial(workdir)
     distributed.barrier()
 
+    source = data.make_source(cfg.data, cfg.seed, rank, world)  # first: a bad data path fails fast
     ckpt = checkpointing.latest(workdir)
     if ckpt is not None:
         meta = checkpointing.read_meta(ckpt)
@@ -229,7 +237,6 @@ def _train(cfg, workdir, rank, world, device) -> dict:
     if ckpt is not None:
         state = _restore_state(ckpt, state)
 
-    source = data.make_source(cfg.data, cfg.seed, rank, world)
     if meta is not None and meta.get("data"):
         source.restore(meta["data"])
     # Token ids for captions, and the empty prompt for cond_drop unless the source has its context.
@@ -267,7 +274,7 @@ def _train(cfg, workdir, rank, world, device) -> dict:
             bar.update(1)
             if (log_every and done % log_every == 0) or done == total:
                 row = _host_metrics(history, skipped_data, world, (done - n0) * global_batch,
-                                    time.perf_counter() - t0)
+                                    time.perf_counter() - t0, tcfg.precision)
                 _check_finite(row, done, cfg, workdir)
                 if main:
                     writer.write(done, row)
