@@ -53,6 +53,7 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.init_from = ""  # a checkpoint (diffusers folder, CompVis or native file) to fine-tune from
     c.unet = unet.config()
     c.vae = autoencoder.config()
     c.text_encoder = text_encoder.config(tokenizer="openai/clip-vit-large-patch14")
