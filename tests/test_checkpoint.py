@@ -8,6 +8,7 @@ our diffusers folder must load with StableDiffusionPipeline.from_pretrained. Eve
 must raise CheckpointError naming the file and the offending keys.
 """
 
+import json
 import os
 import shutil
 
@@ -21,7 +22,7 @@ from sd_func.models import autoencoder, text_encoder, tokenizer, unet
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers.loaders import single_file_utils as sfu  # noqa: E402
+from diffusers.loaders import single_file_utils as sfu
 
 # SD 1.x shape in miniature: 3 levels, 2 resnets each, attention on the first two levels,
 # channel changes (conv_shortcut / nin_shortcut), and the SD 1.x conventions that a CompVis
@@ -123,7 +124,7 @@ def test_diffusers_folder_load(sd1):
 
 
 def test_diffusers_folder_legacy_names_bin_and_fp16(sd1, tmp_path):
-    """Old layouts: .bin weights, pre-0.14 VAE attention names, fp16 variant files, dtype=."""
+    """Other layouts: .bin weights, pre-0.14 VAE attention names, fp16 variant, shards; dtype=."""
     folder = str(tmp_path / "old")
     shutil.copytree(sd1["folder"], folder)
     vae_dir = os.path.join(folder, "vae")
@@ -140,7 +141,18 @@ def test_diffusers_folder_legacy_names_bin_and_fp16(sd1, tmp_path):
     te = safetensors.torch.load_file(os.path.join(te_dir, "model.safetensors"))
     os.remove(os.path.join(te_dir, "model.safetensors"))
     safetensors.torch.save_file({k: v.half() for k, v in te.items()}, os.path.join(te_dir, "model.fp16.safetensors"))
+    unet_dir = os.path.join(folder, "unet")
+    sd = safetensors.torch.load_file(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
+    os.remove(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
+    keys, weight_map = sorted(sd), {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        shard = f"diffusion_pytorch_model-0000{i + 1}-of-00002.safetensors"
+        safetensors.torch.save_file({k: sd[k] for k in part}, os.path.join(unet_dir, shard))
+        weight_map.update(dict.fromkeys(part, shard))
+    with open(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
     params, _ = checkpoint.load(folder)
+    _assert_trees_equal(params, sd1["params"] | {"text_encoder": params["text_encoder"]})
     _assert_trees_equal(params["vae"], sd1["params"]["vae"])
     assert params["text_encoder"]["text_model"]["final_layer_norm"]["weight"].dtype == torch.float16
     p16, _ = checkpoint.load(sd1["folder"], dtype=torch.float16)
@@ -253,7 +265,7 @@ def test_compvis_architecture_inferred_ema_and_extras(sd1, tmp_path):
     _assert_trees_equal(p_ema["unet"], tree.tree_map(lambda x: x + 1, params["unet"]))
     _assert_trees_equal(p_ema["vae"], params["vae"])
     # the tokenizer comes from cfg; without one, the error is raised when it is needed
-    p3, cfg3 = checkpoint.load(path, cfg=cfg)
+    _, cfg3 = checkpoint.load(path, cfg=cfg)
     assert cfg3.text_encoder.tokenizer == cfg.text_encoder.tokenizer
     with pytest.raises(ValueError, match="CompVis checkpoint file carries no tokenizer"):
         tokenizer.load(cfg2.text_encoder.tokenizer)
@@ -331,21 +343,23 @@ def _meta_models(unet_kw, vae_kw, text_kw):
                     text_encoder=transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_kw)))
 
 
-@pytest.mark.parametrize("release", ["sd15", "sd21_768v"])
+@pytest.mark.parametrize("release", ["sd15", "sd21_768v", "sd2_inpaint"])
 def test_full_size_names_and_inferred_architecture(release):
-    """SD 1.5 and SD 2.1 (768-v) at full size on the meta device: the inferred config is the
-    released diffusers config, and diffusers' converters read our names back, shape for shape."""
+    """SD 1.5, SD 2.1 (768-v) and SD 2 inpainting (9 input channels, epsilon) at full size on
+    the meta device: the inferred config is the released diffusers config, and diffusers'
+    converters read our names back, shape for shape."""
     vae_kw = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
                   down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     if release == "sd15":
         unet_kw, text_kw = dict(cross_attention_dim=768, sample_size=64), dict(projection_dim=768)
         vae_kw["sample_size"] = 512
     else:
-        unet_kw = dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024,
-                       use_linear_projection=True, upcast_attention=True, sample_size=96)
+        v = release == "sd21_768v"
+        unet_kw = dict(attention_head_dim=(5, 10, 20, 20), cross_attention_dim=1024, in_channels=4 if v else 9,
+                       use_linear_projection=True, upcast_attention=v, sample_size=96 if v else 64)
         text_kw = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                        num_attention_heads=16, hidden_act="gelu", projection_dim=512)
-        vae_kw["sample_size"] = 768
+        vae_kw["sample_size"] = 768 if v else 512
     ref = _meta_models(unet_kw, vae_kw, text_kw)
     cfg = checkpoint.files.ml_collections.ConfigDict(dict(
         unet=unet.from_diffusers_config(dict(ref["unet"].config)),
@@ -354,14 +368,14 @@ def test_full_size_names_and_inferred_architecture(release):
     params = dict(unet=tree.from_state_dict(_sd(ref["unet"])), vae=tree.from_state_dict(_sd(ref["vae"])),
                   text_encoder=text_encoder.from_state_dict(_sd(ref["text_encoder"])))
     sd = compvis.to_state_dict(params, cfg)
-    if release == "sd21_768v":  # the released file has OpenCLIP's 24th layer, unused by SD 2
+    if release != "sd15":  # the released files have OpenCLIP's 24th layer, unused by SD 2
         for k in [k for k in sd if ".resblocks.22." in k]:
             sd[k.replace(".resblocks.22.", ".resblocks.23.")] = sd[k]
     inferred = compvis.detect_config(sd, {}, release)
     for s in ("unet", "vae"):
         assert inferred[s] == cfg[s], s
     assert inferred.text_encoder == cfg.text_encoder
-    assert inferred.diffusion.prediction_type == ("epsilon" if release == "sd15" else "v_prediction")
+    assert inferred.diffusion.prediction_type == ("v_prediction" if release == "sd21_768v" else "epsilon")
     p = compvis.from_state_dict(sd, inferred, release)
     assert {k: v.shape for k, v in tree.flatten(p).items()} == {k: v.shape for k, v in tree.flatten(params).items()}
     got = sfu.convert_ldm_unet_checkpoint(sd, dict(ref["unet"].config))
@@ -408,14 +422,14 @@ def test_errors(sd1, tmp_path):
 
     good = str(tmp_path / "good.safetensors")
     checkpoint.save(params, cfg, good, format="compvis")
-    data = open(good, "rb").read()
+    data = (tmp_path / "good.safetensors").read_bytes()
     for name, blob in (("trunc.safetensors", data[: len(data) // 2]), ("head.safetensors", data[:40])):
-        open(tmp_path / name, "wb").write(blob)
+        (tmp_path / name).write_bytes(blob)
         with pytest.raises(CheckpointError, match=name):
             checkpoint.load(str(tmp_path / name))
     ckpt = str(tmp_path / "good.ckpt")
     checkpoint.save(params, cfg, ckpt, format="compvis")
-    open(tmp_path / "trunc.ckpt", "wb").write(open(ckpt, "rb").read()[:1000])
+    (tmp_path / "trunc.ckpt").write_bytes((tmp_path / "good.ckpt").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="trunc.ckpt"):
         checkpoint.load(str(tmp_path / "trunc.ckpt"))
     torch.save({"state_dict": compvis.to_state_dict(params, cfg), "callback": _Obj()}, tmp_path / "pickle.ckpt")

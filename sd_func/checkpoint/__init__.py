@@ -22,7 +22,7 @@ from sd_func.checkpoint.files import CheckpointError, CheckpointNotFoundError
 FORMATS = ("native", "diffusers", "compvis")
 _TORCH_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
-__all__ = ["load", "save", "detect", "CheckpointError", "CheckpointNotFoundError", "FORMATS"]
+__all__ = ["FORMATS", "CheckpointError", "CheckpointNotFoundError", "detect", "load", "save"]
 
 
 def _is_workdir(path: str) -> bool:
@@ -92,7 +92,7 @@ def _load_workdir(path: str, cfg, ema, dtype):
     return files.cast(params, dtype), files.merge_config(stored, cfg)
 
 
-def save(params: dict, cfg, path: str, format: str = "native") -> None:  # noqa: A002 - DESIGN.md's name
+def save(params: dict, cfg, path: str, format: str = "native") -> None:
     """Write params + cfg: "native" (.safetensors, cfg embedded), "diffusers" (a pipeline
     folder) or "compvis" (.safetensors or .ckpt). Atomic; params must match cfg."""
     path = os.fspath(path)

@@ -56,6 +56,10 @@ def _layout(sd: dict) -> str | None:
     return None
 
 
+def _uniform(xs: list):
+    return xs[0] if len(set(xs)) == 1 else list(xs)
+
+
 def _detect_unet(sd: dict, sd2: bool, v_model: bool) -> dict:
     u = {k[len(K.UNET):]: v for k, v in sd.items() if k.startswith(K.UNET)}
     levels, boundary = [], True  # one dict per resolution level, split at downsample ops
@@ -83,15 +87,14 @@ def _detect_unet(sd: dict, sd2: bool, v_model: bool) -> dict:
     proj = [v.ndim for k, v in u.items() if k.endswith(".proj_in.weight")]
     heads = [max(1, c // 64) for c in channels] if sd2 else 8
     attn_depth = [d for d, a in zip(depth, attn) if a] or [1]
-    uniform = lambda xs: xs[0] if len(set(xs)) == 1 else list(xs)  # noqa: E731
     return dict(
         in_channels=u["input_blocks.0.0.weight"].shape[1], out_channels=u["out.2.weight"].shape[0],
-        block_out_channels=channels, layers_per_block=uniform(layers),
+        block_out_channels=channels, layers_per_block=_uniform(layers),
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in up_attn],
         attention_head_dim=heads, cross_attention_dim=ctx[0] if ctx else 768,
         use_linear_projection=bool(proj) and proj[0] == 2,
-        transformer_layers_per_block=(uniform(attn_depth) if len(set(attn_depth)) == 1 else depth),
+        transformer_layers_per_block=(_uniform(attn_depth) if len(set(attn_depth)) == 1 else depth),
         sample_size=96 if v_model else 64, upcast_attention=v_model)
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterable
+from collections.abc import Iterable
 
 import ml_collections
 import safetensors
