@@ -242,7 +242,7 @@ def _write_plain(sd: dict, path: str):
     safetensors.torch.save_file({k: v.contiguous() for k, v in sd.items()}, path)
 
 
-def test_compvis_architecture_inferred_ema_and_extras(sd1, tmp_path):
+def test_compvis_architecture_inferred_ema_and_extras(sd1, tmp_path, caplog):
     params, cfg = sd1["params"], sd1["cfg"]
     sd = compvis.to_state_dict(params, cfg)
     ema = {}
@@ -264,9 +264,24 @@ def test_compvis_architecture_inferred_ema_and_extras(sd1, tmp_path):
     p_ema, _ = checkpoint.load(path, ema=True)
     _assert_trees_equal(p_ema["unet"], tree.tree_map(lambda x: x + 1, params["unet"]))
     _assert_trees_equal(p_ema["vae"], params["vae"])
-    # the tokenizer comes from cfg; without one, the error is raised when it is needed
-    _, cfg3 = checkpoint.load(path, cfg=cfg)
-    assert cfg3.text_encoder.tokenizer == cfg.text_encoder.tokenizer
+    # a cfg that fits the weights gives what they cannot tell (heads, upcast, diffusion,
+    # tokenizer); one that does not fit (e.g. configs/txt2img.py's SD 1.5 for a tiny file)
+    # leaves the inferred architecture, with a warning
+    fits = checkpoint.files.ml_collections.ConfigDict(cfg.to_dict())
+    fits.unet.upcast_attention, fits.diffusion.prediction_type = True, "v_prediction"
+    fits.sample = {"steps": 3}
+    p3, cfg3 = checkpoint.load(path, cfg=fits)
+    _assert_trees_equal(p3, params)
+    assert cfg3.to_dict() == fits.to_dict()
+    other = checkpoint.files.ml_collections.ConfigDict(fits.to_dict())
+    other.unet = unet.config()
+    with caplog.at_level("WARNING"):
+        p4, cfg4 = checkpoint.load(path, cfg=other)
+    assert "do not fit this file" in caplog.text
+    _assert_trees_equal(p4, params)
+    assert cfg4.unet == cfg2.unet and cfg4.diffusion == cfg2.diffusion and cfg4.sample.steps == 3
+    assert cfg4.text_encoder.tokenizer == cfg.text_encoder.tokenizer
+    # without a tokenizer, the error comes when one is needed
     with pytest.raises(ValueError, match="CompVis checkpoint file carries no tokenizer"):
         tokenizer.load(cfg2.text_encoder.tokenizer)
     with pytest.raises(CheckpointError, match="carries no tokenizer"):
@@ -445,15 +460,13 @@ def test_errors(sd1, tmp_path):
     _write_plain(bad, str(tmp_path / "bad.safetensors"))
     with pytest.raises(CheckpointError) as e:
         checkpoint.load(str(tmp_path / "bad.safetensors"), cfg=cfg)
-    msg = str(e.value)
-    assert "bad.safetensors" in msg and gone in msg and "extra.weight" in msg
+    msg = str(e.value)  # cfg's architecture first, then the inferred one: both fail
+    assert "bad.safetensors" in msg and gone in msg and "extra.weight" in msg and "failed too" in msg
     assert "decoder.conv_in.weight: expected (64, 4, 3, 3), got (1, 2, 3, 3)" in msg
     with pytest.raises(CheckpointError, match="ema=True but the file has no model_ema"):
         checkpoint.load(good, ema=True)
-    wrong = checkpoint.files.ml_collections.ConfigDict(cfg.to_dict())
-    wrong.unet.layers_per_block = 1
-    with pytest.raises(CheckpointError, match="infer it from the file"):
-        checkpoint.load(good, cfg=wrong)
+    with pytest.raises(CheckpointError, match="extra.weight"):
+        checkpoint.load(str(tmp_path / "bad.safetensors"))
 
     # native: a missing tensor; diffusers: missing weights, unsupported config value
     nat = str(tmp_path / "n.safetensors")

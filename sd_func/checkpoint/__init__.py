@@ -65,8 +65,10 @@ def detect(path: str) -> str:
 def load(path: str, cfg=None, ema=False, dtype=None):
     """(params, cfg) from a native file, diffusers folder, CompVis file or training workdir.
 
-    cfg: for CompVis files, the architecture (else it is inferred, see compvis.py); for every
-      format, the non-model sections (sample, train, data, ...) to keep in the returned cfg.
+    cfg: the non-model sections (sample, train, data, ...) of the returned cfg, and the
+      tokenizer when the checkpoint has none. The model sections (unet, vae, text_encoder,
+      diffusion) come from the checkpoint; a CompVis file without sd_func's embedded config
+      uses cfg's when they fit its tensors exactly, else infers them (see compvis.py).
     ema: True = the EMA weights (an error when the checkpoint has none), False = the raw
       weights, None = EMA when present. A diffusers folder has one set of weights.
     dtype: cast floating-point tensors (e.g. torch.float16); None keeps the file's dtype.

@@ -5,28 +5,32 @@ encoder under model.diffusion_model.*, first_stage_model.* and cond_stage_model.
 compvis_keys.py), optionally LitEma's flattened model_ema.* copy of the UNet. Read from
 .safetensors, or from .ckpt only through torch.load(weights_only=True) (taking ["state_dict"]).
 
-Architecture. A file carries weights only, so `load` takes the architecture from, in order:
-`cfg` when given (its unet/vae/text_encoder sections, strictly validated against the file);
-the sd_func config that `save` embeds (`sd_func_config` metadata); otherwise it is inferred
-from key names and shapes the way diffusers' single_file_utils does: channels, layers per
-block, attention levels, transformer depth, context dim (attn2.to_k), linear vs conv proj_in
-(its ndim), VAE and text encoder widths and depths. What shapes cannot tell follows the
-Stable Diffusion releases: SD 1.x (CLIP text encoder) has 8 UNet heads and CLIP ViT-L
-(quick_gelu); SD 2.x (OpenCLIP text encoder, or context dim 1024) has 64-channel heads,
-gelu, and keeps 23 of OpenCLIP's 24 text layers (diffusers' convention: SD 2 conditions on
-the penultimate layer). The diffusion schedule is SD's (scaled_linear, 1000 steps); the
-prediction type cannot be seen in weights: epsilon, except SD 2.x non-inpainting models,
-which get v_prediction (the 768-v models, as diffusers assumes; a .ckpt with
-global_step 875000, i.e. 512-base, gets epsilon). Pass cfg to override any of this.
-A CompVis file holds no tokenizer: cfg.text_encoder.tokenizer comes from cfg or is "";
-weights load without one, and sd_func.models.tokenizer.load raises a clear error when it is
-needed.
+Architecture. The weights alone do not say everything, so `load` takes the model sections
+(unet, vae, text_encoder, diffusion) from, in order: the sd_func config that `save` embeds
+(`sd_func_config` metadata), exact; `cfg` when given and its unet/vae/text_encoder fit the
+file's tensors exactly (then head counts, upcast_attention, sample sizes and cfg.diffusion
+are cfg's); otherwise they are inferred from key names and shapes the way diffusers'
+single_file_utils does (a warning is logged when a given cfg did not fit): channels, layers
+per block, attention levels, transformer depth, context dim (attn2.to_k), linear vs conv
+proj_in (its ndim), 4 or 9 (inpainting) input channels, VAE and text encoder widths and
+depths. What shapes cannot tell follows the Stable Diffusion releases: SD 1.x (CLIP text
+encoder) has 8 UNet heads and CLIP ViT-L's quick_gelu; SD 2.x (OpenCLIP text encoder, or
+context dim 1024) has 64-channel heads, gelu, and keeps 23 of OpenCLIP's 24 text layers
+(diffusers' convention: SD 2 conditions on the penultimate layer). The diffusion schedule is
+SD's (scaled_linear, 1000 steps); the prediction type cannot be seen in weights: epsilon,
+except SD 2.x non-inpainting models, which get v_prediction with 768 px sample sizes and
+upcast attention (the 768-v release, as diffusers assumes; a .ckpt with global_step 875000,
+i.e. 512-base, gets epsilon). For SD 2 512-base pass a cfg whose diffusion.prediction_type
+is "epsilon". A CompVis file holds no tokenizer: cfg.text_encoder.tokenizer comes from cfg
+or is ""; weights load without one, and sd_func.models.tokenizer.load raises a clear error
+("A CompVis checkpoint file carries no tokenizer ...") when it is needed.
 
 `save` writes the original names (SD 1.x CLIP layout for a quick_gelu text encoder,
 OpenCLIP layout with fused in_proj for gelu), VAE attention as 1x1 convs, no EMA and no
 DDPM buffers (LDM recomputes them; the original code loads with strict=False).
 """
 
+import logging
 import re
 
 import ml_collections
@@ -37,6 +41,7 @@ from sd_func.checkpoint import compvis_keys as K
 from sd_func.checkpoint import files
 from sd_func.diffusion import schedules
 
+log = logging.getLogger(__name__)
 CONFIG_KEY = "sd_func_config"
 SD2_BASE_STEP = 875000  # global_step of the released 512-base SD 2.0 .ckpt (epsilon)
 
@@ -182,14 +187,13 @@ def _lookup(sd: dict, name: str, layout: str) -> str | None:
     return None
 
 
-def from_state_dict(sd: dict, cfg, where: str, ema: bool = False, hint: str = "") -> dict:
+def from_state_dict(sd: dict, cfg, where: str, ema: bool = False) -> dict:
     """params from an LDM state dict for the architecture in cfg; CheckpointError listing
     missing / unexpected / wrongly shaped LDM keys."""
     layout = _layout(sd) or "clip"
     expected = {s: _dotted(s, cfg[s]) for s in files.MODEL_SECTIONS}
     tables = _tables(cfg, layout)
-    has_ema = any(k.startswith(K.EMA) for k in sd)
-    if ema and not has_ema:
+    if ema and not any(k.startswith(K.EMA) for k in sd):
         raise files.CheckpointError(f"{where}: ema=True but the file has no model_ema.* weights")
     used, missing, wrong, params = set(), [], [], {}
     for section, table in tables.items():
@@ -225,8 +229,16 @@ def from_state_dict(sd: dict, cfg, where: str, ema: bool = False, hint: str = ""
     if missing or unexpected or wrong:
         parts = [f"{len(v)} {what} ({files.first(v)})" for what, v in
                  (("missing", missing), ("unexpected", unexpected), ("with wrong shapes", wrong)) if v]
-        raise files.CheckpointError(f"{where}: does not match the model config: {'; '.join(parts)}{hint}")
+        raise files.CheckpointError(f"{where}: does not match the model config: {'; '.join(parts)}")
     return params
+
+
+def _model_sections(cfg) -> ml_collections.ConfigDict | None:
+    if cfg is None or not all(s in cfg for s in files.MODEL_SECTIONS):
+        return None
+    c = ml_collections.ConfigDict({s: cfg[s].to_dict() for s in files.MODEL_SECTIONS})
+    c.diffusion = cfg.diffusion.to_dict() if "diffusion" in cfg else schedules.config().to_dict()
+    return c
 
 
 def load(path: str, cfg=None, ema=False, dtype=None) -> tuple[dict, ml_collections.ConfigDict]:
@@ -234,21 +246,32 @@ def load(path: str, cfg=None, ema=False, dtype=None) -> tuple[dict, ml_collectio
     if not any(k.startswith((K.UNET, K.VAE, "cond_stage_model.")) for k in sd):
         raise files.CheckpointError(f"{path}: no CompVis keys (model.diffusion_model.*, first_stage_model.*, "
                                     f"cond_stage_model.*); first keys: {files.first(sd)}")
-    if ema is None:  # EMA weights when the file has them
-        ema = any(k.startswith(K.EMA) for k in sd)
-    hint = ""
-    if cfg is not None:
-        model_cfg = ml_collections.ConfigDict({s: cfg[s].to_dict() for s in files.MODEL_SECTIONS})
-        model_cfg.diffusion = cfg.diffusion.to_dict() if "diffusion" in cfg else schedules.config().to_dict()
-        hint = " (the architecture came from cfg; load with cfg=None to infer it from the file)"
-        full = files.merge_config(model_cfg, cfg)
-    elif CONFIG_KEY in meta:
-        full = files.config_from_json(meta[CONFIG_KEY], path)
-        model_cfg = full
-    else:
-        full = model_cfg = detect_config(sd, meta, path)
-    params = from_state_dict(sd, model_cfg, path, ema=bool(ema), hint=hint)
-    return files.cast(params, dtype), full
+    has_ema = any(k.startswith(K.EMA) for k in sd)
+    if ema and not has_ema:
+        raise files.CheckpointError(f"{path}: ema=True but the file has no model_ema.* weights")
+    ema = has_ema if ema is None else bool(ema)  # None: the EMA weights when the file has them
+    if CONFIG_KEY in meta:  # written by sd_func: the exact config travels with the weights
+        stored = files.config_from_json(meta[CONFIG_KEY], path)
+        return files.cast(from_state_dict(sd, stored, path, ema), dtype), files.merge_config(stored, cfg)
+    given, cfg_error = _model_sections(cfg), None
+    if given is not None:
+        try:
+            params = from_state_dict(sd, given, path, ema)
+            return files.cast(params, dtype), files.merge_config(given, cfg)
+        except files.CheckpointError as e:
+            cfg_error = e
+    try:
+        inferred = detect_config(sd, meta, path)
+        params = from_state_dict(sd, inferred, path, ema)
+    except files.CheckpointError as e:
+        if cfg_error is None:
+            raise
+        raise files.CheckpointError(f"{cfg_error} (with cfg's architecture); inferring the architecture "
+                                    f"from the weights failed too: {e}") from e
+    if cfg_error is not None:
+        log.warning("%s: cfg's unet/vae/text_encoder do not fit this file, so its architecture and "
+                    "diffusion settings are inferred from the weights (%s)", path, str(cfg_error)[:300])
+    return files.cast(params, dtype), files.merge_config(inferred, cfg)
 
 
 # ---------------------------------------------------------------------------- save

@@ -204,7 +204,8 @@ def config_from_json(text: str, where: str) -> ml_collections.ConfigDict:
 
 def merge_config(model_cfg: ml_collections.ConfigDict, cfg) -> ml_collections.ConfigDict:
     """cfg (when given) with its model sections (unet, vae, text_encoder, diffusion)
-    replaced by model_cfg's; without cfg, model_cfg itself."""
+    replaced by model_cfg's; without cfg, model_cfg itself. The tokenizer is not part of
+    the architecture: an empty text_encoder.tokenizer is taken from cfg."""
     if cfg is None:
         return model_cfg
     out = ml_collections.ConfigDict(cfg.to_dict())
@@ -213,6 +214,9 @@ def merge_config(model_cfg: ml_collections.ConfigDict, cfg) -> ml_collections.Co
             if k in out:
                 del out[k]
             out[k] = ml_collections.ConfigDict(model_cfg[k].to_dict())
+    given = cfg.get("text_encoder", {}).get("tokenizer", "")
+    if "text_encoder" in out and not out.text_encoder.get("tokenizer", "") and given:
+        out.text_encoder.tokenizer = given
     return out
 
 
