@@ -33,7 +33,8 @@ _DEFAULTS = dict(  # Stable Diffusion 1.5
     num_attention_heads=None,   # the head count, when given
     head_dim=None,              # sd_func extension: channels per head (SD 2.x: 64)
     cross_attention_dim=768, use_linear_projection=False, transformer_layers_per_block=1,
-    upcast_attention=False, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    upcast_attention=False,     # fp32 attention logits; SDPA always does so (see unet_blocks)
+    norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
     flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1.0,
     center_input_sample=False,
 )
@@ -230,10 +231,9 @@ def apply(params: dict, x: torch.Tensor, t: Any, context: torch.Tensor, cfg) -> 
     dtype = params["conv_in"]["weight"].dtype
     act = nn.ACTIVATIONS[cfg.act_fn]
     groups, eps, n = cfg.norm_num_groups, cfg.norm_eps, len(plan["channels"])
-    upcast = cfg.upcast_attention
 
     def attn(p, h, i):
-        return blocks.transformer_2d(p, h, context, plan["heads"][i], plan["tlayers"][i], groups, upcast)
+        return blocks.transformer_2d(p, h, context, plan["heads"][i], plan["tlayers"][i], groups)
 
     # Time embedding: sinusoids in float32, MLP in the params' dtype; every resnet sees act(emb).
     t_freq = nn.timestep_embedding(_timesteps(t, x.shape[0], x.device), plan["channels"][0],
