@@ -22,9 +22,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/tiny.py[:variant].")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, metrics and samples.")
 
-# Errors that mean "the input is wrong", reported in one line; anything else is a bug and
-# keeps its traceback.
-USER_ERRORS = (OSError, ValueError)
+# Errors that mean "the input is wrong" (or the run diverged: FloatingPointError), reported
+# in one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (OSError, ValueError, FloatingPointError)
 
 
 def _fail(msg: str) -> None:

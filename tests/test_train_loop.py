@@ -62,7 +62,7 @@ def _rows(workdir):
 def reference(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("train") / "reference")
     t = time.perf_counter()
-    _run(workdir)
+    _run(workdir, "--config.train.sample_every=4")
     print(f"reference run: {time.perf_counter() - t:.1f} s")
     return workdir
 
@@ -75,6 +75,7 @@ def test_workdir_layout(reference):
         assert all(isinstance(r[key], float) for r in rows), key
     assert all(r["skipped_samples"] == 0.0 and r["lr"] == pytest.approx(1e-4) for r in rows)
     assert checkpointing.steps(reference) == [3, 4]  # keep_checkpoints=2 of 1, 2, 3, 4
+    assert os.listdir(os.path.join(reference, "samples")) == ["4.png"]  # sample_every=4: EMA grid
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(reference, "tensorboard")))
     meta = checkpointing.read_meta(checkpointing.latest(reference))
     assert meta["step"] == STEPS and meta["data"] == {"ranks": [{"kind": "shapes"}]}
@@ -142,6 +143,7 @@ def test_two_processes_match_one(reference, tmp_path):
     assert [r["loss"] for r in r2] == pytest.approx([r["loss"] for r in r1], rel=1e-4)
 
 
+@pytest.mark.slow  # inductor's C++ codegen of the whole step: minutes of CPU on a 2-core machine
 def test_compiled_run_matches_eager(reference, tmp_path):
     workdir = str(tmp_path / "compiled")
     t = time.perf_counter()
@@ -151,6 +153,30 @@ def test_compiled_run_matches_eager(reference, tmp_path):
     assert got["step"] == want["step"] == 2
     for k in ("loss", "grad_norm", "param_norm", "update_norm"):
         assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+
+
+def _tiny(**train):
+    from configs import tiny
+    cfg = tiny.get_config()
+    cfg.train.update(compile=False, batch_size=4, **train)
+    return cfg
+
+
+def test_architecture_change_is_an_error(reference):
+    from sd_func.train import loop
+    cfg = _tiny(steps=STEPS + 1)
+    cfg.unet.block_out_channels = (32, 32)
+    with pytest.raises(ValueError, match=r"unet.block_out_channels: checkpoint \[32, 64\], config \[32, 32\]"):
+        loop.train(cfg, reference)
+    assert checkpointing.steps(reference) == [3, 4]
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+    from sd_func.train import loop
+    cfg = _tiny(steps=3, lr=1e38, log_every=1, checkpoint_every=0)
+    with pytest.raises(FloatingPointError, match=r"training diverged at step 1: param_norm=inf"):
+        loop.train(cfg, str(tmp_path))
+    assert checkpointing.steps(str(tmp_path)) == []
 
 
 @pytest.mark.parametrize("extra, env, message", [

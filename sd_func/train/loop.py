@@ -13,6 +13,7 @@ metrics and samples. A workdir that already holds a checkpoint is resumed from i
 newest complete one.
 """
 
+import json
 import math
 import os
 import time
@@ -120,7 +121,7 @@ def sample_grid(txt2img, state: dict, frozen_models: dict, cfg, workdir: str, st
                       sampler=cfg.sample.sampler, guidance_scale=float(cfg.sample.guidance_scale))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"{step}.png")
-    image_lib.save_png(path, image_lib.grid(out.cpu()), {"step": step, "prompts": prompts,
+    image_lib.save_png(path, image_lib.grid(out.cpu()), {"step": step, "prompts": json.dumps(prompts),
                                                          "sampler": cfg.sample.sampler, "steps": cfg.sample.steps})
     return path
 
