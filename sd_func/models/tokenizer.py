@@ -120,9 +120,12 @@ def build(words, out_dir: str, vocab_size: int = 1000) -> list[str]:
 
 
 def _folder(path: str) -> str | None:
-    """The folder holding vocab.json + merges.txt: path itself or its tokenizer/ subfolder."""
+    """The folder holding vocab.json + merges.txt (or transformers 5's single tokenizer.json):
+    path itself or its tokenizer/ subfolder."""
     for d in (path, os.path.join(path, "tokenizer")):
         if all(os.path.isfile(os.path.join(d, f)) for f in ("vocab.json", "merges.txt")):
+            return d
+        if os.path.isfile(os.path.join(d, "tokenizer.json")):
             return d
     return None
 
