@@ -170,6 +170,10 @@ def test_diffusers_config_round_trip():
         with torch.device("meta"):
             d = dict(UNet2DConditionModel(**unet.to_diffusers_config(cfg)).config)
         assert unet.from_diffusers_config(d).to_dict() == cfg.to_dict()
+    # equivalent spellings of the fixed options are accepted
+    d = {**unet.to_diffusers_config(cfg), "only_cross_attention": [False] * 4,
+         "mid_block_only_cross_attention": False, "_class_name": "UNet2DConditionModel"}
+    assert unet.from_diffusers_config(d).to_dict() == cfg.to_dict()
 
 
 def test_head_dim_and_num_attention_heads_resolve_to_head_counts():
@@ -195,6 +199,7 @@ def test_every_diffusers_option_is_mapped_or_rejected():
 
 @pytest.mark.parametrize("bad, key", [
     ({"class_embed_type": "timestep"}, "class_embed_type"),
+    ({"only_cross_attention": [False, True, False, False]}, "only_cross_attention"),
     ({"addition_embed_type": "text_time"}, "addition_embed_type"),
     ({"down_block_types": ["AttnDownBlock2D"] * 4}, "down_block_types"),
     ({"mid_block_type": None}, "mid_block_type"),

@@ -72,6 +72,14 @@ def config(**overrides) -> ml_collections.ConfigDict:
     return cfg
 
 
+def _is_fixed_value(k: str, v) -> bool:
+    """v means the same as _FIXED[k] (a per-block tuple of it; False for an unset None flag)."""
+    fixed = _FIXED[k]
+    if isinstance(v, tuple) and not isinstance(fixed, tuple):
+        return all(_is_fixed_value(k, x) for x in v)
+    return v == fixed or (k == "mid_block_only_cross_attention" and v is False)
+
+
 def from_diffusers_config(d: dict) -> ml_collections.ConfigDict:
     """A UNet2DConditionModel config.json dict -> cfg; ValueError naming any unsupported key."""
     fields = {}
@@ -80,7 +88,7 @@ def from_diffusers_config(d: dict) -> ml_collections.ConfigDict:
             continue
         v = _tuplify(v)
         if k in _FIXED:
-            if v != _FIXED[k]:
+            if not _is_fixed_value(k, v):
                 raise ValueError(f"unet.from_diffusers_config: {k}={v!r} is not supported "
                                  f"(only {_FIXED[k]!r}, as in Stable Diffusion 1.x/2.x)")
         elif k in _DEFAULTS and k != "head_dim":
