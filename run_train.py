@@ -39,7 +39,7 @@ def main(argv):
         _fail("--config is required, e.g. --config=configs/tiny.py")
     try:
         cfg = _CONFIG.value
-        cfg.train  # a config that failed to load raises here
+        _ = cfg.train  # a config that failed to load raises here
     except OSError as e:
         _fail(e)
     if not _WORKDIR.value:

@@ -46,10 +46,11 @@ class Writer:
         os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(workdir, METRICS)
         truncate_jsonl(self.path, start_step)
-        self._fh = open(self.path, "a")
+        self._fh = open(self.path, "a")  # noqa: SIM115 - held for the run, closed by close()
         self._tb = None
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only rank 0
+            # Imported here: it loads tensorboard, which only rank 0 needs.
+            from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, metrics: dict) -> dict:

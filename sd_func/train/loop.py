@@ -230,6 +230,7 @@ def _train(cfg, workdir, rank, world, device) -> dict:
         meta, start = None, 0
         params, cfg = init_params(cfg)
     cfg = cfg.copy_and_resolve_references()
+    tcfg = cfg.train
     params = tree.to(params, device=device)
 
     train_te = bool(tcfg.get("train_text_encoder", False))
@@ -280,8 +281,9 @@ def _train(cfg, workdir, rank, world, device) -> dict:
                 if main:
                     writer.write(done, row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['images_per_s']:.1f}")
-                    if skipped_data:
-                        tqdm.write(f"step {done}: {skipped_data} unreadable data sample(s) skipped")
+                    if row["skipped_samples"]:
+                        tqdm.write(f"step {done}: {int(row['skipped_samples'])} unreadable data sample(s) "
+                                   "skipped since the last log step (see the data warnings above)")
                 history, skipped_data, t0, n0 = [], 0, time.perf_counter(), done
             if ckpt_every and done % ckpt_every == 0:
                 _save(workdir, done, state, frozen_models, source, cfg, world, main)
