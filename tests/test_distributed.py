@@ -1,0 +1,116 @@
+"""Data parallel on CPU/gloo: a 2-process torchrun run with the global batch split over the
+ranks ends with the same params as 1 process with the whole batch (configs/tiny.py).
+
+This file is also the torchrun worker (`python -m torch.distributed.run ... this_file OUT MODE`).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from configs import tiny  # noqa: E402
+from sd_func import random, tree  # noqa: E402
+from sd_func.models import autoencoder, text_encoder, unet  # noqa: E402
+from sd_func.train import distributed  # noqa: E402
+from sd_func.train import state as train_state  # noqa: E402
+from sd_func.train import step as train_step  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 4, 2
+
+
+def _cfg(mode: str):
+    cfg = tiny.get_config()
+    # lr 1e-4: Adam's first steps move each weight by ~lr whatever the gradient's size, so
+    # float-rounding differences of near-zero gradients (batch 2 vs 4 kernels) show up as
+    # ~1e-2 * lr; a wrong split or sum-vs-mean shows up in grad_norm and loss (checked too).
+    cfg.train.update(compile=mode != "eager", cond_drop=0.5, grad_clip=0.5, warmup=1, lr=1e-4)
+    return cfg
+
+
+def _train(mode: str, index) -> dict:
+    """STEPS steps of the tiny model on the examples `index` of a fixed global batch."""
+    torch.set_num_threads(1)
+    cfg = _cfg(mode)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(GLOBAL_BATCH, 3, 32, 32, generator=g) * 2 - 1
+    ids = torch.randint(2, 1000, (GLOBAL_BATCH, 77), generator=g)
+    frozen = {"vae": autoencoder.init(random.key(1), cfg.vae),
+              "text_encoder": text_encoder.init(random.key(2), cfg.text_encoder),
+              "uncond_ids": torch.tensor([0, 1] + [1] * 75)}
+    state = train_state.init_state(cfg, unet.init(random.key(0), cfg.unet))
+    fn = train_step.make_train_step(cfg, **({} if mode in ("eager", "inductor") else {"backend": mode}))
+    index = list(index)
+    for s in range(STEPS):
+        batch = {"images": images[index], "input_ids": ids[index],
+                 **train_step.step_inputs(cfg, random.key(cfg.seed), s, index, train_step.latent_shape(cfg))}
+        state, metrics = fn(state, frozen, batch)
+    return {**tree.flatten(state["params"]), "loss": metrics["loss"].reshape(1),
+            "grad_norm": metrics["grad_norm"].reshape(1)}
+
+
+def _worker(out_dir: str, mode: str) -> None:
+    rank, world, device = distributed.init()
+    assert device.type == "cpu" and world == 2 and distributed.is_main() == (rank == 0)
+    local = GLOBAL_BATCH // world
+    flat = _train(mode, range(rank * local, (rank + 1) * local))
+    mean = distributed.all_reduce_mean({"rank": torch.tensor(float(rank)), "n": [torch.tensor([rank, 1.0])]})
+    flat["rank_mean"] = mean["rank"].reshape(1)
+    flat["n_mean"] = mean["n"][0]
+    save_file({k: v.contiguous() for k, v in flat.items()}, os.path.join(out_dir, f"rank{rank}.safetensors"))
+    distributed.barrier()
+    distributed.shutdown()
+
+
+def _torchrun(tmp_path, mode: str, timeout: float) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.abspath(__file__), str(tmp_path), mode]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(2)]
+
+
+def _check(ranks: list[dict], mode: str) -> None:
+    whole = _train(mode, range(GLOBAL_BATCH))
+    for r, got in enumerate(ranks):
+        assert float(got["rank_mean"]) == 0.5 and torch.equal(got["n_mean"], torch.tensor([0.5, 1.0]))
+        for k in ("loss", "grad_norm"):
+            assert float(got[k]) == pytest.approx(float(whole[k]), rel=1e-5), k
+        err = max(float((got[k] - whole[k]).abs().max()) for k in whole if k not in ("loss", "grad_norm"))
+        assert err < 1e-5, f"rank {r}: max |params(2 procs) - params(1 proc)| = {err:.2e}"
+
+
+def test_two_process_run_equals_one_process(tmp_path):
+    _check(_torchrun(tmp_path, "eager", timeout=300), "eager")
+
+
+@pytest.mark.slow
+def test_two_process_compiled_run_equals_one_process(tmp_path):
+    """The all-reduce traced into the compiled graph (functional collectives on gloo)."""
+    _check(_torchrun(tmp_path, "inductor", timeout=3000), "eager")
+
+
+def test_single_process_init_is_a_no_op(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    rank, world, device = distributed.init()
+    assert (rank, world) == (0, 1) and distributed.is_main() and distributed.world_size() == 1
+    assert not torch.distributed.is_initialized()
+    x = {"a": torch.ones(2)}
+    assert distributed.all_reduce_mean(x) is x
+    distributed.barrier()
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
