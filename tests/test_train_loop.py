@@ -143,7 +143,30 @@ def test_two_processes_match_one(reference, tmp_path):
     assert [r["loss"] for r in r2] == pytest.approx([r["loss"] for r in r1], rel=1e-4)
 
 
-@pytest.mark.slow  # inductor's C++ codegen of the whole step: minutes of CPU on a 2-core machine
+def _tiny(**train):
+    from configs import tiny
+    cfg = tiny.get_config()
+    cfg.train.update(dict(dict(compile=False, batch_size=4, lr=1e-4), **train))
+    return cfg
+
+
+def test_compiled_loop_resumes_and_matches_eager(reference, tmp_path):
+    # The loop with the compiled step (aot_eager: inductor's single graph without codegen),
+    # resuming an eager run's checkpoint: one trace, on restored state.
+    from sd_func.train import loop
+    workdir = str(tmp_path / "compiled")
+    t = time.perf_counter()
+    loop.train(_tiny(steps=1, log_every=2), workdir)
+    loop.train(_tiny(compile=True, steps=2, log_every=2), workdir, compile_backend="aot_eager")
+    print(f"eager 1 step + compiled (aot_eager) 1 step, in process: {time.perf_counter() - t:.1f} s")
+    assert checkpointing.steps(workdir) == [1, 2]
+    got, want = _rows(workdir)[-1], _rows(reference)[0]
+    assert got["step"] == want["step"] == 2
+    for k in ("grad_norm", "param_norm", "update_norm"):  # "loss": resumed rows average step 2 only
+        assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
+
+
+@pytest.mark.slow  # inductor's C++ codegen of the whole step: ~6 min of CPU on a 2-core machine
 def test_compiled_run_matches_eager(reference, tmp_path):
     workdir = str(tmp_path / "compiled")
     t = time.perf_counter()
@@ -153,13 +176,6 @@ def test_compiled_run_matches_eager(reference, tmp_path):
     assert got["step"] == want["step"] == 2
     for k in ("loss", "grad_norm", "param_norm", "update_norm"):
         assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), k
-
-
-def _tiny(**train):
-    from configs import tiny
-    cfg = tiny.get_config()
-    cfg.train.update(compile=False, batch_size=4, **train)
-    return cfg
 
 
 def test_architecture_change_is_an_error(reference):

@@ -188,20 +188,24 @@ def _check_finite(row: dict, step: int, cfg, workdir: str) -> None:
             "Lower config.train.lr, raise warmup or use precision=fp32 and resume.")
 
 
-def train(cfg, workdir: str) -> dict:
-    """Train cfg in workdir (resuming its newest checkpoint); returns this rank's final state."""
+def train(cfg, workdir: str, *, compile_backend: str = "inductor") -> dict:
+    """Train cfg in workdir (resuming its newest checkpoint); returns this rank's final state.
+
+    compile_backend: torch.compile's backend when cfg.train.compile (tests use "aot_eager":
+    the same single Dynamo/AOTAutograd graph without inductor's minutes of C++ codegen).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before a rendezvous could hang
     if int(cfg.train.batch_size) % world:
         raise ValueError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the "
                          f"world size {world}")
     rank, world, device = distributed.init()
     try:
-        return _train(cfg, workdir, rank, world, device)
+        return _train(cfg, workdir, rank, world, device, compile_backend)
     finally:
         distributed.shutdown()
 
 
-def _train(cfg, workdir, rank, world, device) -> dict:
+def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     main = rank == 0
     tcfg = cfg.train
     global_batch, total = int(tcfg.batch_size), int(tcfg.steps)
@@ -247,7 +251,7 @@ def _train(cfg, workdir, rank, world, device) -> dict:
     frozen = _frozen_inputs(cfg, frozen_models, source, tok, device)
     shape = _latent_shape(cfg, source)
     step_key = root_keys(cfg.seed)[1]
-    step_fn = train_step_lib.make_train_step(cfg, world)
+    step_fn = train_step_lib.make_train_step(cfg, world, backend=compile_backend)
     txt2img = _sampler(cfg) if int(tcfg.sample_every or 0) > 0 and main else None
 
     writer = None
