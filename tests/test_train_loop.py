@@ -146,7 +146,7 @@ def test_two_processes_match_one(reference, tmp_path):
 def _tiny(**train):
     from configs import tiny
     cfg = tiny.get_config()
-    cfg.train.update(dict(dict(compile=False, batch_size=4, lr=1e-4), **train))
+    cfg.train.update({"compile": False, "batch_size": 4, "lr": 1e-4, **train})
     return cfg
 
 
