@@ -1,4 +1,4 @@
-"""Train a Stable Diffusion UNet: flags only, the work is in sd_func.train.loop.
+"""Train a Stable Diffusion model: flags only, the work is in sd_func.train (recipe -> loop).
 
   python run_train.py --config=configs/tiny.py --workdir=/tmp/tiny
   python run_train.py --config=configs/txt2img.py --config.data.path=/data/laion \
@@ -32,6 +32,15 @@ def _fail(msg: str) -> None:
     sys.exit(1)
 
 
+def _parse_flags(argv):
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # an override of a field the config does not have
+        name = str(e).strip("'\"")
+        bad = [a.split("=")[0] for a in argv if a.startswith("--config.") and name in a.split("=")[0]]
+        _fail(f"{', '.join(bad) or name}: no such field in the config (overrides can only set existing fields)")
+
+
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}")
@@ -44,10 +53,10 @@ def main(argv):
         _fail(e)
     if not _WORKDIR.value:
         _fail("--workdir is required")
-    from sd_func.train import loop  # after flag checks: imports torch
+    from sd_func.train import recipe  # after flag checks: imports torch
 
     try:
-        loop.train(cfg, _WORKDIR.value)
+        recipe.run(cfg, _WORKDIR.value)
     except USER_ERRORS as e:
         if os.environ.get("SD_FUNC_TRACEBACK"):
             raise
@@ -55,4 +64,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

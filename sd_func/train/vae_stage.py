@@ -62,7 +62,7 @@ def make_step(cfg):
 @torch.no_grad()
 def scaling_factor(p: dict, cfg, source, num: int = 256) -> float:
     """1 / std of the posterior means over `num` training images (LDM's latent rescaling)."""
-    imgs = source.batch(10**6, num)["images"]  # a batch far past training: held out in spirit
+    imgs = source.batch(10**6, num)["images"].to(tree.leaves(p)[0].device)  # a batch never trained on
     mean, _ = autoencoder.encode(p, imgs, cfg.vae)
     return float(1.0 / mean.float().std())
 
@@ -70,6 +70,8 @@ def scaling_factor(p: dict, cfg, source, num: int = 256) -> float:
 def run(cfg, workdir: str, params_vae: dict, log=print) -> tuple[dict, float]:
     """Train (or resume, or load the finished) VAE stage; returns (vae params, scaling factor)."""
     tc = cfg.vae_train
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    params_vae = tree.to(params_vae, device=device)
     vdir = os.path.join(workdir, "vae")
     checkpointing.clean_partial(vdir)
     last = checkpointing.latest(vdir)
@@ -78,9 +80,10 @@ def run(cfg, workdir: str, params_vae: dict, log=print) -> tuple[dict, float]:
         state = {"params": checkpointing.restore_like(last, "params", state["params"]),
                  "opt": checkpointing.restore_like(last, "opt", state["opt"]),
                  "step": torch.tensor(checkpointing.read_meta(last)["step"], dtype=torch.int64)}
+        state = tree.to(state, device=device)
         meta = checkpointing.read_meta(last)
         if meta.get("done"):
-            return state["params"], float(meta["scaling_factor"])
+            return tree.to(state["params"], device="cpu"), float(meta["scaling_factor"])
         log(f"vae stage: resuming at step {int(state['step'])}")
     source = data.make_source(cfg.data, cfg.seed)
     step_fn = make_step(cfg)
@@ -89,9 +92,10 @@ def run(cfg, workdir: str, params_vae: dict, log=print) -> tuple[dict, float]:
     t0, start = time.time(), int(state["step"])
     for s in range(start, int(tc.steps)):
         batch = source.batch(s, int(tc.batch_size))
-        imgs = batch["images"]
+        imgs = batch["images"].to(device)
         f = 2 ** (len(cfg.vae.block_out_channels) - 1)
-        noise = random.normal(random.fold_in(root, s), (imgs.shape[0], *shape, imgs.shape[2] // f, imgs.shape[3] // f))
+        noise = random.normal(random.fold_in(root, s), (imgs.shape[0], *shape, imgs.shape[2] // f, imgs.shape[3] // f),
+                              device=device)
         state, m = step_fn(state, imgs, noise)
         done = s + 1
         if done % int(tc.log_every) == 0 or done == int(tc.steps):
@@ -106,4 +110,4 @@ def run(cfg, workdir: str, params_vae: dict, log=print) -> tuple[dict, float]:
     checkpointing.save(vdir, int(tc.steps), {"params": state["params"], "opt": state["opt"]},
                        {"done": True, "scaling_factor": sf}, keep=1)
     log(f"vae stage: done, latent scaling factor {sf:.4f}")
-    return state["params"], sf
+    return tree.to(state["params"], device="cpu"), sf
