@@ -197,6 +197,7 @@ def test_divergence_stops_with_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize("extra, env, message", [
     ([], {}, "--workdir is required"),
+    (["--config.train.no_such_field=1", "--workdir=WORKDIR"], {}, "--config.train.no_such_field: no such field"),
     (["--workdir=WORKDIR"], {"WORLD_SIZE": "3"}, "not divisible by the world size 3"),
     (["--workdir=WORKDIR", "--config.data.kind=folder", "--config.data.path=/nonexistent/images"], {},
      "is not a folder"),
