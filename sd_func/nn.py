@@ -14,6 +14,25 @@ import torch.nn.functional as F
 from sd_func import random
 
 
+def _native_half(name: str) -> bool:
+    try:
+        return bool(getattr(torch.ops.mkldnn, name)())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# bf16/fp16 matmuls, convolutions and attention on a CPU without bf16/fp16 arithmetic
+# (AVX2, AVX512 without BF16/FP16; PyTorch's kernels there reach ~2 GFLOP/s against ~40
+# in fp32) compute in fp32 on the half-precision values and round the result back: what
+# a native kernel does (fp32 accumulation), up to summation order.
+_CPU_NATIVE = {torch.bfloat16: _native_half("_is_mkldnn_bf16_supported"),
+               torch.float16: _native_half("_is_mkldnn_fp16_supported")}
+
+
+def _cpu_upcast(dtype) -> bool:
+    return dtype in _CPU_NATIVE and not _CPU_NATIVE[dtype]
+
+
 def _uniform(k, shape, bound, dtype):
     return random.uniform(k, shape, -bound, bound, dtype=dtype)
 
@@ -29,7 +48,10 @@ def init_linear(k, d_in: int, d_out: int, bias: bool = True, dtype=torch.float32
 
 
 def linear(p: dict, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(x, p["weight"], p.get("bias"))
+    w, b = p["weight"], p.get("bias")
+    if x.device.type == "cpu" and _cpu_upcast(x.dtype):
+        return F.linear(x.float(), w.float(), None if b is None else b.float()).to(x.dtype)
+    return F.linear(x, w, b)
 
 
 def init_conv2d(k, c_in: int, c_out: int, kernel: int = 3, bias: bool = True, dtype=torch.float32) -> dict:
@@ -41,11 +63,51 @@ def init_conv2d(k, c_in: int, c_out: int, kernel: int = 3, bias: bool = True, dt
     return p
 
 
+# CPU convolutions with few output pixels (B*Ho*Wo) run as one GEMM over gathered patches:
+# there eager oneDNN convolutions reach half or less of the GEMM rate (SD's 8x8 and 4x4
+# levels at 1280 channels: 5-15 vs 25 GFLOP/s on one AVX2 core; BENCHMARKS.md).
+GEMM_CONV_MAX_PIXELS = 512
+
+
 def conv2d(p: dict, x: torch.Tensor, stride: int = 1, padding: int | None = None) -> torch.Tensor:
-    kernel = p["weight"].shape[-1]
+    w, b = p["weight"], p.get("bias")
+    kernel = w.shape[-1]
     if padding is None:
         padding = kernel // 2
-    return F.conv2d(x, p["weight"], p.get("bias"), stride=stride, padding=padding)
+    if x.device.type == "cpu":
+        if _cpu_upcast(x.dtype):
+            return conv2d({"weight": w.float(), **({"bias": b.float()} if b is not None else {})},
+                          x.float(), stride, padding).to(x.dtype)
+        ho = (x.shape[-2] + 2 * padding - w.shape[-2]) // stride + 1
+        wo = (x.shape[-1] + 2 * padding - kernel) // stride + 1
+        if kernel == 1 or x.shape[0] * ho * wo <= GEMM_CONV_MAX_PIXELS:
+            return conv2d_gemm(x, w, b, stride, padding)
+    return F.conv2d(x, w, b, stride=stride, padding=padding)
+
+
+def conv2d_gemm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int = 1,
+                padding: int = 0) -> torch.Tensor:
+    """F.conv2d as one matmul (im2col) on NHWC views: patches [B,Ho,Wo,K] @ weight [O,K]^T.
+
+    The patch order follows the weight's memory layout ([O,kh,kw,C] for channels_last
+    weights, [O,C,kh,kw] otherwise), so the weight is reshaped without a copy. The result
+    is a channels_last [B,O,Ho,Wo] view of the matmul's output.
+    """
+    o, c, kh, kw = w.shape
+    xh = x.permute(0, 2, 3, 1)  # a view for channels_last x
+    if padding:
+        xh = F.pad(xh, (0, 0, padding, padding, padding, padding))
+    ho, wo = (xh.shape[1] - kh) // stride + 1, (xh.shape[2] - kw) // stride + 1
+    if kh == kw == 1:
+        cols, wm = xh[:, ::stride, ::stride], w.reshape(o, c)
+    else:
+        taps = [xh[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+                for i in range(kh) for j in range(kw)]
+        if w.is_contiguous(memory_format=torch.channels_last):
+            cols, wm = torch.cat(taps, dim=-1), w.permute(0, 2, 3, 1).reshape(o, -1)
+        else:
+            cols, wm = torch.stack(taps, dim=-1).flatten(-2), w.reshape(o, -1)
+    return F.linear(cols, wm, b).permute(0, 3, 1, 2)
 
 
 def init_norm(c: int, dtype=torch.float32) -> dict:
@@ -73,6 +135,9 @@ def embedding(p: dict, ids: torch.Tensor) -> torch.Tensor:
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
               mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
     """Multi-head attention over [B, N, C] projections via scaled_dot_product_attention."""
+    if q.device.type == "cpu" and _cpu_upcast(q.dtype):
+        m = mask if mask is None or mask.dtype == torch.bool else mask.float()
+        return attention(q.float(), k.float(), v.float(), heads, m, is_causal).to(q.dtype)
     b, n, c = q.shape
     d = c // heads
     q, k, v = (t.reshape(b, t.shape[1], heads, d).transpose(1, 2) for t in (q, k, v))

@@ -126,7 +126,7 @@ def init_transformer_2d(k, c: int, context_dim: int, num_layers: int, linear_pro
 def _token_linear(p: dict, x: torch.Tensor) -> torch.Tensor:
     """A Linear, or a 1x1 Conv2d applied to tokens (the same matmul, no NCHW round trip)."""
     w = p["weight"]
-    return F.linear(x, w[:, :, 0, 0] if w.ndim == 4 else w, p["bias"])
+    return nn.linear({"weight": w[:, :, 0, 0] if w.ndim == 4 else w, "bias": p["bias"]}, x)
 
 
 def transformer_2d(p: dict, x: torch.Tensor, context: torch.Tensor, heads: int, num_layers: int,
