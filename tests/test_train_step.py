@@ -187,6 +187,24 @@ def test_functional_adamw_matches_torch():
         assert torch.allclose(mu[i], torch_opt.state[ref[k]]["exp_avg"], atol=1e-7, rtol=0), k
         assert torch.allclose(nu[i], torch_opt.state[ref[k]]["exp_avg_sq"], atol=1e-7, rtol=0), k
 
+    # The flat-vector form the train step uses (decayed leaves first in the layout).
+    lay = optim.layout(tree_params, r".*(bias|norm.*)$")
+    assert lay.paths[0] == "conv/weight" and lay.n_decay == 18 and lay.numel == 30
+    fp = optim.flatten(tree_params, lay)
+    fmu, fnu = torch.zeros_like(fp), torch.zeros_like(fp)
+    for i, grads in enumerate(grads_seq):
+        fg = optim.flatten(tree.unflatten(grads), lay)
+        fg = fg * torch.clamp(max_norm / (fg.norm() + 1e-6), max=1.0)
+        fp, fmu, fnu = optim.adamw_flat(fp, fg, fmu, fnu, torch.tensor(i + 1), torch.tensor(lr), b1=0.9, b2=0.99,
+                                        eps=1e-8, weight_decay=wd, n_decay=lay.n_decay)
+    got = tree.flatten(optim.unflatten(fp, lay))
+    assert list(got) == keys  # the tree's own order back
+    for k in keys:
+        assert torch.allclose(got[k], ref[k].detach(), atol=1e-6, rtol=0), k
+    # Views of one vector flatten for free (same storage), anything else is copied.
+    assert optim.flatten(optim.unflatten(fp, lay), lay).data_ptr() == fp.data_ptr()
+    assert optim.flatten(tree_params, lay).data_ptr() != fp.data_ptr()
+
 
 def test_lr_schedules():
     c = _cfg(lr=1.0, warmup=4, steps=20, lr_schedule="constant").train

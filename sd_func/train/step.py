@@ -7,11 +7,17 @@ and the fp16 loss scale: all in one function that `torch.compile(fullgraph=True)
 compiles whole when cfg.train.compile (a compile failure raises; there is no eager
 fallback). The step never mutates its inputs; it returns a new state.
 
-Data parallelism: when torch.distributed is initialised with world > 1 the
-gradients (and the loss) are summed across ranks with
-`torch.distributed._functional_collectives.all_reduce_coalesced` INSIDE the
-compiled graph and divided by the world size (gloo has no AVG). This traces under
-fullgraph on CPU/gloo and CUDA/NCCL with torch 2.13, keeps the step one graph, and
+The optimizer works on one flat float32 vector per tree (params, mu, nu, ema; see
+optim.Layout): the gradients are concatenated once, and AdamW, clipping, EMA and the
+loss-scale skip are a few elementwise kernels whatever the parameter count. The state
+the caller sees stays a dict of per-path tensors; after the first step they are views
+into those vectors, so the next step flattens them for free.
+
+Data parallelism: when torch.distributed is initialised with world > 1 the flat
+gradient vector (with the loss appended) is summed across ranks with ONE
+`torch.distributed._functional_collectives.all_reduce` INSIDE the compiled graph and
+divided by the world size (gloo has no AVG). This traces under fullgraph on CPU/gloo
+(and is the collective inductor schedules for NCCL), keeps the step one graph, and
 gives every rank the same update. Each rank's loss is the mean over its local batch,
 so equal local batches give exactly the mean over the global batch.
 
@@ -138,15 +144,22 @@ def _clean_latents(hp, frozen: dict, batch: dict) -> torch.Tensor:
     return z.float() * hp["scaling_factor"]
 
 
-def _train_step(hp: dict, world: int, state: dict, frozen: dict, batch: dict, alphas_cumprod: torch.Tensor):
-    """The pure step; hp (see _hyperparameters) and world are static, baked in at trace time."""
+def _train_step(hp: dict, world: int, lay: optim.Layout, flat: dict, frozen: dict, batch: dict,
+                alphas_cumprod: torch.Tensor):
+    """The pure step over flat vectors.
+
+    flat: {"params", "mu", "nu", "ema": 1-d float32 vectors in `lay`'s order, "step",
+    ["loss_scale"]}. hp (see _hyperparameters), world and lay are static (trace time).
+    Returns (the same dict, new tensors; metrics).
+    """
     precision = hp["precision"]
-    params, device = state["params"], state["step"].device
-    train_te = "text_encoder" in params
-    amp = torch.autocast(device.type, dtype=_AUTOCAST.get(precision, torch.float32),
+    step = flat["step"]
+    amp = torch.autocast(step.device.type, dtype=_AUTOCAST.get(precision, torch.float32),
                          enabled=precision in _AUTOCAST)
     fp16 = precision == "fp16"
-    scale = state["loss_scale"]["scale"] if fp16 else None
+    scale = flat["loss_scale"]["scale"] if fp16 else None
+    params = optim.unflatten(flat["params"], lay)  # views: no copies
+    train_te = "text_encoder" in params
 
     with amp:
         x0 = _clean_latents(hp, frozen, batch)
@@ -155,68 +168,56 @@ def _train_step(hp: dict, world: int, state: dict, frozen: dict, batch: dict, al
     def loss_fn(trainable):
         with amp:
             ctx = context if context is not None else _text_context(hp, trainable["text_encoder"], frozen, batch)
-            model_fn = lambda x, t: unet.apply(trainable["unet"], x, t, ctx, hp["unet"])  # noqa: E731
+            model_fn = lambda x, t: unet.apply(trainable["unet"], x, t, ctx, hp["unet"])
             loss = losses.diffusion_loss(
                 model_fn, x0, batch["noise"], batch["timesteps"], alphas_cumprod,
                 hp["prediction_type"], hp["min_snr_gamma"], hp["noise_offset"], batch.get("offset_noise"))
         return (loss * scale if fp16 else loss), loss.detach()
 
     grads, (_, loss) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
-
-    # Align every tree by path: checkpoints may rebuild dicts in another key order.
-    flat_p = tree.flatten(params)
-    paths = list(flat_p)
-    p = [flat_p[k] for k in paths]
-    flat_g, flat_mu = tree.flatten(grads), tree.flatten(state["opt"]["mu"])
-    flat_nu, flat_ema = tree.flatten(state["opt"]["nu"]), tree.flatten(state["ema"])
-    g, mu, nu, ema = ([f[k] for k in paths] for f in (flat_g, flat_mu, flat_nu, flat_ema))
-
-    if world > 1:
+    flat_g = tree.flatten(grads)
+    g = torch.cat([flat_g[k].reshape(-1).to(torch.float32) for k in lay.paths] + [loss.reshape(1).float()])
+    if world > 1:  # one all-reduce of the gradient vector and the loss
         from torch.distributed import _functional_collectives as funcol
-        summed = funcol.all_reduce_coalesced(g + [loss.reshape(1)], "sum", torch.distributed.group.WORLD)
-        g = torch._foreach_div(summed[:-1], float(world))
-        loss = summed[-1][0] / world
+        g = funcol.all_reduce(g, "sum", torch.distributed.group.WORLD) / world
+    g, loss = g[:-1], g[-1]
     if fp16:
-        g = torch._foreach_div(g, scale)
+        g = g / scale
 
-    grad_norm = optim.global_norm(g)
-    g = optim.clip_by_global_norm(g, grad_norm, hp["grad_clip"])
-    step = state["step"]
-    skipped = state["loss_scale"]["skipped"] if fp16 else torch.zeros_like(step)
+    grad_norm = torch.linalg.vector_norm(g)
+    if hp["grad_clip"] > 0:
+        g = g * torch.clamp(hp["grad_clip"] / (grad_norm + 1e-6), max=1.0)
+    skipped = flat["loss_scale"]["skipped"] if fp16 else torch.zeros_like(step)
     lr = hp["lr_fn"](step)
-    wd_rules = [(hp["weight_decay_exclude"], False)] if hp["weight_decay_exclude"] else []
-    decay = [bool(tree.match(wd_rules, k, True)) for k in paths]
-    new_p, new_mu, new_nu = optim.adamw(
-        p, g, mu, nu, decay, step + 1 - skipped, lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
-        weight_decay=hp["weight_decay"])
-    new_ema = optim.ema(ema, new_p, hp["ema_decay"])
+    p, mu, nu, ema = flat["params"], flat["mu"], flat["nu"], flat["ema"]
+    new_p, new_mu, new_nu = optim.adamw_flat(
+        p, g, mu, nu, step + 1 - skipped, lr, b1=hp["b1"], b2=hp["b2"], eps=hp["eps"],
+        weight_decay=hp["weight_decay"], n_decay=lay.n_decay)
+    new_ema = torch.lerp(ema, new_p, 1.0 - hp["ema_decay"])
 
-    new_state = {"step": step + 1}
+    out = {"step": step + 1}
     if fp16:  # dynamic loss scaling: skip non-finite steps inside the graph (no host sync)
         finite = torch.isfinite(grad_norm)
-        keep = lambda new, old: [torch.where(finite, n, o) for n, o in zip(new, old)]  # noqa: E731
-        new_p, new_mu, new_nu, new_ema = keep(new_p, p), keep(new_mu, mu), keep(new_nu, nu), keep(new_ema, ema)
-        ls = state["loss_scale"]
+        new_p, new_mu, new_nu, new_ema = (torch.where(finite, n, o) for n, o in
+                                          ((new_p, p), (new_mu, mu), (new_nu, nu), (new_ema, ema)))
+        ls = flat["loss_scale"]
         good = torch.where(finite, ls["good_steps"] + 1, torch.zeros_like(ls["good_steps"]))
         grow = good >= hp["loss_scale_window"]
         new_scale = torch.where(finite, torch.where(grow, scale * 2.0, scale), scale * 0.5)
         skipped = ls["skipped"] + (~finite).to(ls["skipped"].dtype)
-        new_state["loss_scale"] = {"scale": new_scale, "good_steps": torch.where(grow, torch.zeros_like(good), good),
-                                   "skipped": skipped}
-
-    unflat = lambda leaves: tree.unflatten(dict(zip(paths, leaves)))  # noqa: E731
-    new_state.update(params=unflat(new_p), opt={"mu": unflat(new_mu), "nu": unflat(new_nu)}, ema=unflat(new_ema))
-    new_state = {k: new_state[k] for k in ("params", "opt", "ema", "step", "loss_scale") if k in new_state}
+        out["loss_scale"] = {"scale": new_scale, "good_steps": torch.where(grow, torch.zeros_like(good), good),
+                             "skipped": skipped}
+    out.update(params=new_p, mu=new_mu, nu=new_nu, ema=new_ema)
     metrics = {
-        "loss": loss.float(),
+        "loss": loss,
         "grad_norm": grad_norm,
-        "param_norm": optim.global_norm(new_p),
-        "update_norm": optim.global_norm(torch._foreach_sub(new_p, p)),
+        "param_norm": torch.linalg.vector_norm(new_p),
+        "update_norm": torch.linalg.vector_norm(new_p - p),
         "lr": lr,
         "skipped": skipped,
-        "loss_scale": new_state["loss_scale"]["scale"] if fp16 else torch.ones((), device=device),
+        "loss_scale": out["loss_scale"]["scale"] if fp16 else torch.ones((), device=step.device),
     }
-    return new_state, metrics
+    return out, metrics
 
 
 def _check_inputs(cfg, state: dict, frozen: dict, batch: dict) -> None:
@@ -274,21 +275,38 @@ def make_train_step(cfg, world: int | None = None, *, backend: str = "inductor")
     world = distributed.world_size() if world is None else int(world)
     cfg = cfg.copy_and_resolve_references()  # a private copy: later edits by the caller cannot leak in
     hp = _hyperparameters(cfg)
-    core = lambda state, frozen, batch, ac: _train_step(hp, world, state, frozen, batch, ac)  # noqa: E731
+    core = lambda lay, flat, frozen, batch, ac: _train_step(hp, world, lay, flat, frozen, batch, ac)
     if cfg.train.compile:
         core = torch.compile(core, fullgraph=True, dynamic=False, backend=backend)
     tables: dict = {}
+    layouts: dict = {}  # params paths -> optim.Layout (regexes stay out of the trace)
 
     def train_step(state: dict, frozen: dict, batch: dict):
         _check_inputs(cfg, state, frozen, batch)
         device = state["step"].device
         if device not in tables:
             tables[device] = schedules.alphas_cumprod(cfg.diffusion).to(device)
-        if not cfg.train.compile:
-            return core(state, frozen, batch, tables[device])
-        # A compile error must surface, and a recompile storm must not fall back to eager.
-        with torch._dynamo.config.patch(suppress_errors=False, fail_on_recompile_limit_hit=True):
-            return core(state, frozen, batch, tables[device])
+        paths = tuple(tree.flatten(state["params"]))
+        if paths not in layouts:
+            layouts[paths] = optim.layout(state["params"], hp["weight_decay_exclude"])
+        lay = layouts[paths]
+        flat = {"params": optim.flatten(state["params"], lay), "mu": optim.flatten(state["opt"]["mu"], lay),
+                "nu": optim.flatten(state["opt"]["nu"], lay), "ema": optim.flatten(state["ema"], lay),
+                "step": state["step"]}
+        if "loss_scale" in state:
+            flat["loss_scale"] = state["loss_scale"]
+        if cfg.train.compile:
+            # A compile error must surface, and a recompile storm must not fall back to eager.
+            with torch._dynamo.config.patch(suppress_errors=False, fail_on_recompile_limit_hit=True):
+                out, metrics = core(lay, flat, frozen, batch, tables[device])
+        else:
+            out, metrics = core(lay, flat, frozen, batch, tables[device])
+        new = {"params": optim.unflatten(out["params"], lay),
+               "opt": {"mu": optim.unflatten(out["mu"], lay), "nu": optim.unflatten(out["nu"], lay)},
+               "ema": optim.unflatten(out["ema"], lay), "step": out["step"]}
+        if "loss_scale" in out:
+            new["loss_scale"] = out["loss_scale"]
+        return new, metrics
 
     train_step.world = world
     return train_step
