@@ -32,7 +32,8 @@ from sd_func.models import unet  # noqa: E402
 TINY = dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64)
 COLUMNS = [("dtype", "dtype", "s"), ("size", "latent", "d"), ("row", "row", "s"),
            ("ms", "ms/call", ".1f"), ("first_s", "first s", ".1f"), ("gflops", "GFLOP/s", ".1f"),
-           ("of_gemm_fp32", "/fp32 GEMM", ".2f"), ("of_gemm_dtype", "/dtype GEMM", ".2f"),
+           ("gemm", "GEMM GFLOP/s", ".1f"), ("of_gemm_fp32", "/fp32 GEMM", ".2f"),
+           ("of_gemm_dtype", "/dtype GEMM", ".2f"),
            ("vs_diffusers_best", "/diffusers best", ".2f"), ("peak_over_start_gib", "peak+ GiB", ".2f"),
            ("max_abs_err", "err vs fp32", ".1e")]
 
@@ -149,15 +150,19 @@ def main(argv=None):
                     for mode in a.modes.split(","):
                         if _skipped(skip, (d, impl, mode, layout)):
                             continue
+                        before = _row_gemm_rates(d, device)
                         row = run_row(a, impl, mode, model, params, cfg, (x, t, c), device)
+                        after = _row_gemm_rates(d, device)
+                        row["gemm_gflops"] = {k: (before[k] + after[k]) / 2 for k in before}
                         row.update(dtype=d, size=s, layout=layout, impl=impl, mode=mode,
                                    row=f"{impl} {mode} {layout}", gmacs=macs / 1e9)
                         row["gflops"] = 2 * macs / row["median_s"] / 1e9
+                        row["gemm"] = row["gemm_gflops"]["fp32"]
                         row["ms"] = 1e3 * row["median_s"]
                         row["it_per_s"] = 1 / row["median_s"]
-                        row["of_gemm_fp32"] = row["gflops"] / rates["fp32"]
-                        best = max(rates[d], rates.get(d + "_via_fp32", 0.0))
-                        row["of_gemm_dtype"] = row["gflops"] / best
+                        row["of_gemm_fp32"] = row["gflops"] / row["gemm_gflops"]["fp32"]
+                        gr = row["gemm_gflops"]
+                        row["of_gemm_dtype"] = row["gflops"] / max(gr[d], gr.get(d + "_via_fp32", 0.0))
                         out = row.pop("output")
                         if d == "fp32" and impl == "diffusers" and mode == "eager" and s not in reference:
                             reference[s] = out.float()
@@ -178,6 +183,17 @@ def main(argv=None):
     _summary(results)
     common.write_json(a.out, {"info": info, "results": results})
     return results
+
+
+def _row_gemm_rates(d, device) -> dict:
+    """GEMM GFLOP/s right next to a row (a shared machine's speed drifts): fp32, d, d via fp32."""
+    r = {"fp32": common.gemm_rate(torch.float32, device, iters=3)}
+    if d != "fp32":
+        r[d] = common.gemm_rate(common.DTYPES[d], device, n=512, iters=1) if device.type == "cpu" and \
+            not torch.ops.mkldnn._is_mkldnn_bf16_supported() else common.gemm_rate(common.DTYPES[d], device, iters=3)
+        if device.type == "cpu":
+            r[d + "_via_fp32"] = common.gemm_rate(common.DTYPES[d], device, iters=3, via_fp32=True)
+    return r
 
 
 def run_row(a, impl, mode, model, params, cfg, args, device):
