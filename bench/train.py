@@ -32,7 +32,6 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import tiny, txt2img  # noqa: E402
 from sd_func import random, tree  # noqa: E402
-from sd_func.diffusion import schedules  # noqa: E402
 from sd_func.models import autoencoder, text_encoder, unet  # noqa: E402
 from sd_func.train import state as train_state  # noqa: E402
 from sd_func.train import step as train_step  # noqa: E402

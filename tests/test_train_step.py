@@ -212,7 +212,10 @@ def test_lr_schedules():
     c = _cfg(lr=1.0, warmup=2, steps=12, lr_schedule="linear").train
     assert [float(lr_lib.schedule(c, s)) for s in (0, 2, 7, 12, 30)] == pytest.approx([1 / 3, 1, 0.5, 0, 0], abs=1e-6)
     # No warmup: the same curves as diffusers' schedulers (LambdaLR multipliers).
-    from diffusers.optimization import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+    from diffusers.optimization import (
+        get_cosine_schedule_with_warmup,
+        get_linear_schedule_with_warmup,
+    )
     for kind, ref_fn in (("cosine", get_cosine_schedule_with_warmup), ("linear", get_linear_schedule_with_warmup)):
         c = _cfg(lr=1.0, warmup=0, steps=10, lr_schedule=kind).train
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -239,7 +242,7 @@ def test_min_snr_weights_and_loss_formula():
     # With a model that predicts 0 the loss is the weighted mean square of the target.
     g = torch.Generator().manual_seed(0)
     x0, eps = torch.randn(5, 4, 8, 8, generator=g), torch.randn(5, 4, 8, 8, generator=g)
-    zero = lambda x, tt: torch.zeros_like(x)  # noqa: E731
+    zero = lambda x, tt: torch.zeros_like(x)
     for kind in want:
         a = ab[:, None, None, None]
         tgt = {"epsilon": eps, "v_prediction": a.sqrt() * eps - (1 - a).sqrt() * x0, "sample": x0}[kind]
@@ -276,7 +279,7 @@ def test_trained_text_encoder(models):
     fz = dict(models["frozen"])
     te = fz.pop("text_encoder")
     state = train_state.init_state(cfg, models["unet"], te)
-    new, m = train_step.make_train_step(cfg)(state, fz, _batch(cfg, models, 0))
+    new, _ = train_step.make_train_step(cfg)(state, fz, _batch(cfg, models, 0))
     assert set(new["params"]) == set(new["ema"]) == set(new["opt"]["mu"]) == {"unet", "text_encoder"}
     assert _max_diff(new["params"]["text_encoder"], state["params"]["text_encoder"]) > 0
 

@@ -109,7 +109,11 @@ def layout(params: dict, exclude: str | None) -> Layout:
 def flatten(params: dict, lay: Layout) -> torch.Tensor:
     """The flat float32 vector of a tree: free when the leaves already are consecutive
     views of one buffer in lay's order (as `unflatten` makes them), else one copy."""
-    flat = tree.flatten(params)
+    with torch.no_grad():  # views without autograd metadata: 5x faster on the host
+        return _flatten(tree.flatten(params), lay)
+
+
+def _flatten(flat: dict, lay: Layout) -> torch.Tensor:
     leaves = [flat[k] for k in lay.paths]
     first = leaves[0]
     storage, off = first.untyped_storage(), first.storage_offset()
@@ -128,7 +132,8 @@ def flatten(params: dict, lay: Layout) -> torch.Tensor:
 
 def unflatten(flat: torch.Tensor, lay: Layout) -> dict:
     """A params tree (the original key order) of views into the flat vector."""
-    views = dict(zip(lay.paths, (v.view(s) for v, s in zip(torch.split(flat, lay.sizes), lay.shapes))))
+    with torch.no_grad():
+        views = dict(zip(lay.paths, (v.view(s) for v, s in zip(torch.split(flat, lay.sizes), lay.shapes))))
     return tree.unflatten({k: views[k] for k in lay.tree_paths})
 
 
