@@ -3,7 +3,8 @@
 Every pipeline argument that has a config default (sampler, steps, guidance_scale,
 guidance_rescale, eta, height, width, batch_size, dtype, compile, clip_skip) is
 looked up here: an explicit argument wins, else `cfg.sample.<name>`, else the SD 1.5
-default of configs/txt2img.py. Bad values raise one ValueError that names the field
+default of configs/txt2img.py; height and width default, as in diffusers, to the UNet's
+sample_size times the VAE's downsampling factor (512 for SD 1.5). Bad values raise one ValueError that names the field
 and what is allowed, before any model runs.
 """
 
@@ -13,7 +14,7 @@ import torch
 from sd_func.diffusion import samplers
 
 DEFAULTS = dict(sampler="dpmpp_2m", steps=25, guidance_scale=7.5, guidance_rescale=0.0, eta=0.0,
-                height=512, width=512, batch_size=4, dtype="auto", compile=False, clip_skip=0)
+                height=None, width=None, batch_size=4, dtype="auto", compile=False, clip_skip=0)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -26,11 +27,22 @@ def resolve(cfg, **overrides) -> ml_collections.ConfigDict:
         if v is None and sample is not None:
             v = sample.get(k, None)
         o[k] = default if v is None else v
+    for k in ("height", "width"):
+        if o[k] is None:
+            o[k] = native_size(cfg)
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise TypeError(f"unknown sampling option(s) {unknown}; known: {sorted(DEFAULTS)}")
     check(o)
     return ml_collections.ConfigDict(o)
+
+
+def native_size(cfg) -> int:
+    """unet.sample_size * 2**(len(vae.block_out_channels) - 1): the size the model was made for."""
+    try:
+        return int(cfg.unet.sample_size) * 2 ** (len(cfg.vae.block_out_channels) - 1)
+    except (AttributeError, KeyError, TypeError):
+        return 512
 
 
 def check(o: dict) -> None:
@@ -51,6 +63,8 @@ def check(o: dict) -> None:
         raise ValueError(f"eta={o['eta']}: only the ddim sampler takes eta (sampler is {o['sampler']!r})")
     if int(o["clip_skip"]) != o["clip_skip"] or o["clip_skip"] < 0:
         raise ValueError(f"clip_skip={o['clip_skip']}: expected an integer >= 0 (0 = last layer)")
+    if not isinstance(o["compile"], (bool, str)):
+        raise ValueError(f"compile={o['compile']!r}: expected true, false or a torch.compile backend name")
     if o["dtype"] != "auto" and o["dtype"] not in DTYPES and o["dtype"] not in DTYPES.values():
         raise ValueError(f"dtype={o['dtype']!r}: expected auto, {', '.join(DTYPES)}")
 

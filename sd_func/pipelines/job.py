@@ -1,0 +1,123 @@
+"""A sampling job from files to files: what run_sample.py runs.
+
+The model (architecture and weights) comes from the checkpoint - a diffusers folder,
+a CompVis file, a native file or a training workdir (its newest checkpoint, EMA
+weights when cfg.sample.ema) - and the sampling options from the config's `sample`
+section (with its command-line overrides). Prompts run in order, `num_images` each;
+image k of the run uses seed `seed + k` and is written to `<outdir>/{k:05d}.png` with
+its settings in PNG text chunks, then all of them tiled into `grid.png`. Every input
+problem raises a ValueError or FileNotFoundError whose message names it.
+"""
+
+import os
+
+import safetensors
+import torch
+
+from sd_func import checkpoint, tree
+from sd_func.pipelines import generate, images, options
+
+
+def load_model(ckpt: str, cfg, device=None):
+    """(params on device, merged cfg): the checkpoint's model sections, cfg's others."""
+    if not ckpt:
+        raise ValueError("--ckpt is required: a diffusers folder, CompVis file, native file or training workdir")
+    if not os.path.exists(ckpt):
+        raise FileNotFoundError(f"--ckpt={ckpt}: checkpoint not found")
+    sample = cfg.get("sample", {})
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = options.torch_dtype(sample.get("dtype", "auto"), device)
+    ema = None if sample.get("ema", True) else False  # None: the EMA weights when the file has them
+    params, merged = checkpoint.load(ckpt, cfg=cfg, ema=ema, dtype=dtype)
+    if not merged.text_encoder.get("tokenizer", "") and "text_encoder" in cfg:
+        merged.text_encoder.tokenizer = cfg.text_encoder.get("tokenizer", "")
+    return tree.to(params, device=device), merged
+
+
+def read_prompts(prompts=(), prompts_file: str | None = None) -> list[str]:
+    """--prompt values, or the non-empty lines of --prompts_file (not both)."""
+    prompts = list(prompts or ())
+    if prompts_file:
+        if prompts:
+            raise ValueError("give --prompt or --prompts_file, not both")
+        if not os.path.isfile(prompts_file):
+            raise FileNotFoundError(f"--prompts_file={prompts_file}: file not found")
+        with open(prompts_file, encoding="utf-8") as fh:
+            prompts = [line.strip() for line in fh if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts_file={prompts_file}: no prompts in the file")
+    if not prompts:
+        raise ValueError("no prompt: pass --prompt=... (repeatable) or --prompts_file=FILE")
+    return prompts
+
+
+def read_latents(path: str, n: int, channels: int) -> torch.Tensor:
+    """The tensor `latents` [n, channels, h, w] of a safetensors file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--latents={path}: file not found")
+    try:
+        with safetensors.safe_open(path, "pt") as fh:
+            names = list(fh.keys())
+            if "latents" not in names:
+                raise ValueError(f"--latents={path}: no tensor named 'latents' (has {names[:5]})")
+            x = fh.get_tensor("latents")
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"--latents={path}: not a safetensors file ({e})") from e
+    if x.ndim != 4 or x.shape[0] != n or x.shape[1] != channels:
+        raise ValueError(f"--latents={path}: latents have shape {tuple(x.shape)}, expected "
+                         f"[{n}, {channels}, h, w] for {n} images")
+    return x.float()
+
+
+def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: int = 0,
+        num_images: int = 1, latents: str | None = None, init_image: str | None = None,
+        mask: str | None = None, strength: float | None = None, progress: bool = True) -> list[str]:
+    """Generate and write the images; returns the paths written (grid.png last)."""
+    if num_images < 1:
+        raise ValueError(f"--num_images={num_images}: expected >= 1")
+    if mask and not init_image:
+        raise ValueError("--mask needs --init_image (the image to inpaint)")
+    o = options.resolve(cfg)  # bad sampler/steps/size fail here, before the checkpoint loads
+    params, cfg = load_model(ckpt, cfg)
+    jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
+    kw = dict(seeds=[s for _, s in jobs], negative_prompt=negative_prompt, progress=progress)
+    if latents:
+        kw["latents"] = read_latents(latents, len(jobs), cfg.vae.latent_channels)
+    job_prompts = [p for p, _ in jobs]
+    if init_image is None:
+        out = generate.txt2img(params, cfg, job_prompts, **kw)
+        mode, extra = "txt2img", {}
+    else:
+        image = images.load_image(_exists(init_image, "--init_image"))
+        if mask is None:
+            strength = 0.8 if strength is None else strength
+            out = generate.img2img(params, cfg, job_prompts, image, strength=strength, **kw)
+            mode = "img2img"
+        else:
+            m = images.load_mask(_exists(mask, "--mask"))
+            if tuple(m.shape) != tuple(image.shape[:2]):
+                raise ValueError(f"--mask={mask} is {m.shape[0]}x{m.shape[1]} but --init_image={init_image} "
+                                 f"is {image.shape[0]}x{image.shape[1]}: they must be the same size")
+            strength = 1.0 if strength is None else strength
+            out = generate.inpaint(params, cfg, job_prompts, image, m, strength=strength, **kw)
+            mode = "inpaint"
+        extra = dict(init_image=init_image, mask=mask or "", strength=strength)
+    os.makedirs(outdir, exist_ok=True)
+    paths = []
+    for k, (p, s) in enumerate(jobs):
+        text = dict(prompt=p, negative_prompt=negative_prompt, seed=s, sampler=o.sampler, steps=o.steps,
+                    guidance_scale=o.guidance_scale, guidance_rescale=o.guidance_rescale, eta=o.eta,
+                    clip_skip=o.clip_skip, dtype=str(o.dtype), mode=mode, checkpoint=ckpt, **extra)
+        if latents:
+            text["latents"] = f"{latents}[{k}]"
+        paths.append(os.path.join(outdir, f"{k:05d}.png"))
+        images.save_png(paths[-1], out[k], text)
+    paths.append(os.path.join(outdir, "grid.png"))
+    images.save_png(paths[-1], images.grid(out, cols=num_images if len(prompts) > 1 else None))
+    return paths
+
+
+def _exists(path: str, flag: str) -> str:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag}={path}: file not found")
+    return path
