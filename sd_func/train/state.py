@@ -8,7 +8,9 @@
 
 Every leaf is a tensor, so the whole state goes through torch.compile, safetensors
 (`tree.flatten`) and `tree.to` as it is. The frozen VAE and text encoder are not
-in the state: they are passed to the step separately.
+in the state: they are passed to the step separately. After a train step the leaves
+of params, mu, nu and ema are views into one float32 vector per tree (see
+sd_func/train/optim.py, Layout); copy them (`.clone()`) to keep one alone.
 """
 
 import torch
