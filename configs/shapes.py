@@ -30,28 +30,28 @@ def get_config(arg=None):
     smoke = variant == "smoke"
     c = txt2img.get_config()
     c.seed = 0
-    c.data.update(kind="shapes", resolution=64, center_crop=True, random_flip=False, num_workers=0)
+    c.data.update(kind="shapes", resolution=64, center_crop=True, random_flip=False, num_workers=1)
 
     c.vae = autoencoder.config(
-        block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=16, latent_channels=4,
+        block_out_channels=(8, 16, 32), layers_per_block=1, norm_num_groups=4, latent_channels=4,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         sample_size=64, scaling_factor=1.0)  # scaling_factor is set by the VAE stage
     c.vae_train = ml_collections.ConfigDict(dict(
-        steps=1200, batch_size=32, lr=2e-3, warmup=50, kl_weight=1e-4, compile=True,
+        steps=400, batch_size=16, lr=2e-3, warmup=50, kl_weight=1e-4, compile=False,
         checkpoint_every=200, log_every=100))
 
     c.text_encoder = text_encoder.config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=77, vocab_size=1000, projection_dim=64, tokenizer="builtin:shapes")
     c.unet = unet.config(
-        block_out_channels=(64, 128, 128), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16, sample_size=16)
+        block_out_channels=(32, 64, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=4, cross_attention_dim=64, norm_num_groups=8, sample_size=16)
 
     c.train.update(
-        steps=3000, batch_size=64, lr=1e-3, lr_schedule="cosine", warmup=100, weight_decay=0.0,
-        ema_decay=0.999, cond_drop=0.1, precision="fp32", compile=True, train_text_encoder=True,
+        steps=1500, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup=100, weight_decay=0.0,
+        ema_decay=0.995, cond_drop=0.1, precision="fp32", compile=False, train_text_encoder=True,
         checkpoint_every=250, keep_checkpoints=2, log_every=50, sample_every=0)
     c.sample.update(height=64, width=64, sampler="dpmpp_2m", steps=25, guidance_scale=4.0,
                     batch_size=30, dtype="float32", prompts=tuple(shapes.prompts()))
