@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sd_func import random, tree
 from sd_func.diffusion import guidance, samplers
-from sd_func.models import autoencoder, text_encoder, tokenizer, unet
+from sd_func.models import autoencoder, text_encoder, tokenizer
 from sd_func.pipelines import images as imgs
 from sd_func.pipelines import options
 from sd_func.pipelines.unet_call import unet_fn
@@ -47,7 +47,8 @@ def encode_prompts(params_te, cfg, prompts, clip_skip=0) -> torch.Tensor:
     """Prompts -> text encoder hidden states [B, 77, D] (diffusers' encode_prompt, clip_skip
     counted as diffusers does: 1 = the penultimate layer)."""
     tok = tokenizer.load(cfg.text_encoder.tokenizer)
-    ids = tokenizer.encode(tok, list(prompts), max_length=tok.model_max_length)
+    length = min(int(tok.model_max_length), int(cfg.text_encoder.max_position_embeddings))
+    ids = tokenizer.encode(tok, list(prompts), max_length=length)
     device = params_te["text_model"]["final_layer_norm"]["weight"].device
     return text_encoder.apply(params_te, ids.to(device), cfg.text_encoder, clip_skip=int(clip_skip) or None)
 

@@ -77,6 +77,8 @@ def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: i
         raise ValueError(f"--num_images={num_images}: expected >= 1")
     if mask and not init_image:
         raise ValueError("--mask needs --init_image (the image to inpaint)")
+    if strength is not None and not init_image:
+        raise ValueError("--strength needs --init_image (img2img or inpaint)")
     o = options.resolve(cfg)  # bad sampler/steps/size fail here, before the checkpoint loads
     params, cfg = load_model(ckpt, cfg)
     jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
