@@ -18,8 +18,10 @@ Prints a table; writes JSON after every row (a cut-off run keeps what it measure
 """
 
 import argparse
+import copy
 import gc
 import os
+import statistics
 import sys
 
 import torch
@@ -34,7 +36,7 @@ COLUMNS = [("dtype", "dtype", "s"), ("size", "latent", "d"), ("row", "row", "s")
            ("ms", "ms/call", ".1f"), ("first_s", "first s", ".1f"), ("gflops", "GFLOP/s", ".1f"),
            ("gemm", "GEMM GFLOP/s", ".1f"), ("of_gemm_fp32", "/fp32 GEMM", ".2f"),
            ("of_gemm_dtype", "/dtype GEMM", ".2f"),
-           ("vs_diffusers_best", "/diffusers best", ".2f"), ("peak_over_start_gib", "peak+ GiB", ".2f"),
+           ("vs_diffusers_interleaved", "/diffusers", ".2f"), ("peak_over_start_gib", "peak+ GiB", ".2f"),
            ("max_abs_err", "err vs fp32", ".1e")]
 
 
@@ -116,15 +118,7 @@ def main(argv=None):
     cfg = unet.config(**(TINY if a.tiny else {}))
     info = common.machine_info(device)
     info.update(config="tiny" if a.tiny else "sd15", args=vars(a))
-    dtypes = a.dtypes.split(",")
-    rates = {"fp32": common.gemm_rate(torch.float32, device)}
-    for d in dtypes:
-        if d != "fp32":
-            rates[d] = common.gemm_rate(common.DTYPES[d], device)
-            if device.type == "cpu":
-                rates[d + "_via_fp32"] = common.gemm_rate(common.DTYPES[d], device, via_fp32=True)
-    info["gemm_gflops"] = rates
-    print(" ".join(f"{k}={v}" for k, v in info.items() if k != "args"))
+    print(" ".join(f"{k}={v}" for k, v in info.items() if k != "args"), flush=True)
     results = []
     sizes = [int(s) for s in a.sizes.split(",")]
     skip = [p for p in a.skip.split(",") if p]
@@ -133,87 +127,125 @@ def main(argv=None):
     inputs = {s: (torch.randn(2, 4, s, s, generator=g), torch.tensor([500.0, 500.0]),
                   torch.randn(2, 77, ctx_dim, generator=g)) for s in sizes}
     reference = {}  # size -> diffusers fp32 eager output
-    model = build_reference(cfg, device)
-    for d in dtypes:
-        dtype = common.DTYPES[d]
-        model.to(dtype)
-        for layout in a.layouts.split(","):
-            fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
-            model.to(memory_format=fmt)
-            params = tree.from_state_dict(model.state_dict())  # the model's own tensors
-            for s in sizes:
-                x, t, c = (v.to(device) for v in inputs[s])
-                x = x.to(dtype).contiguous(memory_format=fmt)
-                c = c.to(dtype)
-                macs = common.unet_macs(cfg, 2, s, s)["total"]
-                for impl in a.impls.split(","):
-                    for mode in a.modes.split(","):
-                        if _skipped(skip, (d, impl, mode, layout)):
-                            continue
-                        before = _row_gemm_rates(d, device)
-                        row = run_row(a, impl, mode, model, params, cfg, (x, t, c), device)
-                        after = _row_gemm_rates(d, device)
-                        row["gemm_gflops"] = {k: (before[k] + after[k]) / 2 for k in before}
-                        row.update(dtype=d, size=s, layout=layout, impl=impl, mode=mode,
-                                   row=f"{impl} {mode} {layout}", gmacs=macs / 1e9)
-                        row["gflops"] = 2 * macs / row["median_s"] / 1e9
-                        row["gemm"] = row["gemm_gflops"]["fp32"]
-                        row["ms"] = 1e3 * row["median_s"]
-                        row["it_per_s"] = 1 / row["median_s"]
-                        row["of_gemm_fp32"] = row["gflops"] / row["gemm_gflops"]["fp32"]
-                        gr = row["gemm_gflops"]
-                        row["of_gemm_dtype"] = row["gflops"] / max(gr[d], gr.get(d + "_via_fp32", 0.0))
-                        out = row.pop("output")
-                        if d == "fp32" and impl == "diffusers" and mode == "eager" and s not in reference:
-                            reference[s] = out.float()
-                        if s in reference:
-                            row["max_abs_err"] = (out.float() - reference[s]).abs().max().item()
-                        results.append(row)
-                        _ratios(results)
-                        print(f"  {d} {s} {row['row']}: {row['ms']:.1f} ms/call (first {row['first_s']:.1f} s), "
-                              f"{row['gflops']:.1f} GFLOP/s", flush=True)
-                        common.write_json(a.out, {"info": info, "results": results})
-            del params
-            gc.collect()
+    base = build_reference(cfg, device)
+    for d in a.dtypes.split(","):
+        base.to(common.DTYPES[d])
+        models = {layout: _with_layout(base, layout) for layout in a.layouts.split(",")}
+        params = {layout: tree.from_state_dict(m.state_dict()) for layout, m in models.items()}  # shared
+        for s in sizes:
+            specs = [(impl, mode, layout) for layout in models for impl in a.impls.split(",")
+                     for mode in a.modes.split(",") if not _skipped(skip, (d, impl, mode, layout))]
+            if specs:
+                rows = run_group(a, d, s, specs, models, params, cfg, inputs[s], device)
+                for row in rows:
+                    out = row.pop("output")
+                    if d == "fp32" and row["impl"] == "diffusers" and row["mode"] == "eager" and s not in reference:
+                        reference[s] = out.float()
+                    if s in reference:
+                        row["max_abs_err"] = (out.float() - reference[s]).abs().max().item()
+                results.extend(rows)
+                _ratios(results)
+                common.write_json(a.out, {"info": info, "results": results})
+        del models, params
+        gc.collect()
     print()
     print(f"{info['device']} {info.get('gpu', info['host_cpu'])}, threads {info['threads']}, load "
-          f"{info.get('load_avg_1m')}, torch {info['torch']}, diffusers {info.get('diffusers')}; "
-          f"GEMM GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()))
+          f"{info.get('load_avg_1m')} at start, {os.getloadavg()[0]:.2f} at end, torch {info['torch']}, "
+          f"diffusers {info.get('diffusers')}")
+    print("GEMM GFLOP/s: measured between the timed calls; /diffusers: median over rounds of the row's time "
+          "over the fastest diffusers row of its dtype in that round")
     common.print_table(results, COLUMNS)
     _summary(results)
     common.write_json(a.out, {"info": info, "results": results})
     return results
 
 
-def _row_gemm_rates(d, device) -> dict:
-    """GEMM GFLOP/s right next to a row (a shared machine's speed drifts): fp32, d, d via fp32."""
-    r = {"fp32": common.gemm_rate(torch.float32, device, iters=3)}
+def _with_layout(base, layout):
+    """base itself (nchw), or a channels_last copy whose non-conv tensors share base's storage."""
+    if layout == "nchw":
+        return base.to(memory_format=torch.contiguous_format)
+    model = copy.deepcopy(base)
+    shared = dict(base.named_parameters())
+    for name, p in model.named_parameters():
+        if p.ndim != 4:
+            p.data = shared[name].data
+    return model.to(memory_format=torch.channels_last)
+
+
+def _gemm_rates(d, device) -> dict:
+    """GEMM GFLOP/s now (a shared machine's speed drifts): fp32, and for half dtypes the
+    native kernel's and (CPU) the fp32-computed rate."""
+    r = {"fp32": common.gemm_rate(torch.float32, device, iters=2)}
     if d != "fp32":
-        r[d] = common.gemm_rate(common.DTYPES[d], device, n=512, iters=1) if device.type == "cpu" and \
-            not torch.ops.mkldnn._is_mkldnn_bf16_supported() else common.gemm_rate(common.DTYPES[d], device, iters=3)
+        slow = device.type == "cpu" and not nn_native(d)
+        r[d] = common.gemm_rate(common.DTYPES[d], device, n=256 if slow else None, iters=1 if slow else 2)
         if device.type == "cpu":
-            r[d + "_via_fp32"] = common.gemm_rate(common.DTYPES[d], device, iters=3, via_fp32=True)
+            r[d + "_via_fp32"] = common.gemm_rate(common.DTYPES[d], device, iters=2, via_fp32=True)
     return r
 
 
-def run_row(a, impl, mode, model, params, cfg, args, device):
+def nn_native(d) -> bool:
+    from sd_func import nn
+    return not nn._cpu_upcast(common.DTYPES[d])
+
+
+def run_group(a, d, s, specs, models, params, cfg, inp, device):
+    """Rows of one dtype and size, timed round-robin (a round times every row once, in a
+    rotating order, plus the GEMM rates), so that all rows see the same machine load."""
     torch._dynamo.reset()
     gc.collect()
-    call = make_call(impl, mode, model, params, cfg, a.compile_mode)
-    out = {}
+    dtype = common.DTYPES[d]
+    macs = common.unet_macs(cfg, 2, s, s)["total"]
+    rows, calls = [], []
+    for impl, mode, layout in specs:
+        fmt = torch.channels_last if layout == "cl" else torch.contiguous_format
+        x, t, c = (v.to(device) for v in inp)
+        args = (x.to(dtype).contiguous(memory_format=fmt), t, c.to(dtype))
+        call = make_call(impl, mode, models[layout], params[layout], cfg, a.compile_mode)
+        with torch.no_grad():
+            first = common.time_calls(lambda: call(*args), device, iters=max(a.warmup, 1), warmup=0)
+        print(f"  {d} {s} {impl} {mode} {layout}: first call {first['first_s']:.1f} s", flush=True)
+        rows.append(dict(dtype=d, size=s, layout=layout, impl=impl, mode=mode, row=f"{impl} {mode} {layout}",
+                         gmacs=macs / 1e9, first_s=first["first_s"], times_s=[], peaks=[]))
+        calls.append((call, args))
+    rates, out = [], {}
+    for i in range(a.iters):
+        rates.append(_gemm_rates(d, device))
+        order = list(range(len(rows)))
+        order = order[i % len(order):] + order[:i % len(order)]
+        for j in order:
+            call, args = calls[j]
 
-    def fn():
-        out["y"] = call(*args)
-
-    with torch.no_grad():
-        first = common.time_calls(fn, device, iters=max(a.warmup, 1), warmup=0)  # compile included
-        with common.PeakMemory(device) as mem:
-            r = common.time_calls(fn, device, iters=a.iters, warmup=0)
-        profile = profile_call(call, args, device) if a.profile else None
-    row = {**r, **mem.result(), "output": out["y"].detach().cpu(), "first_s": first["first_s"]}
-    if profile is not None:
-        row["profile"] = profile
-    return row
+            def fn(j=j, call=call, args=args):
+                out[j] = call(*args)
+            with torch.no_grad(), common.PeakMemory(device) as mem:
+                rows[j]["times_s"].append(common.time_calls(fn, device, iters=1, warmup=0)["median_s"])
+            rows[j]["peaks"].append(mem.result())
+        best = min((r["times_s"][-1] for r in rows if r["impl"] == "diffusers"), default=None)
+        for r in rows:
+            r.setdefault("round_ratios", []).append(r["times_s"][-1] / best if best else None)
+    rates.append(_gemm_rates(d, device))
+    gemm = {k: statistics.median(r[k] for r in rates) for k in rates[0]}
+    for j, r in enumerate(rows):
+        peaks = r.pop("peaks")
+        r.update(max(peaks, key=lambda p: p.get("peak_over_start_gib", 0)))
+        r["median_s"] = statistics.median(r["times_s"])
+        r["ms"], r["it_per_s"] = 1e3 * r["median_s"], 1 / r["median_s"]
+        r["gflops"] = 2 * macs / r["median_s"] / 1e9
+        r["gemm_gflops"], r["gemm"] = gemm, gemm["fp32"]
+        r["of_gemm_fp32"] = r["gflops"] / gemm["fp32"]
+        r["of_gemm_dtype"] = r["gflops"] / max(gemm[d], gemm.get(d + "_via_fp32", 0.0))
+        ratios = [q for q in r.pop("round_ratios") if q is not None]
+        r["vs_diffusers_interleaved"] = statistics.median(ratios) if ratios else None
+        r["output"] = out[j].detach().float().cpu()
+        if a.profile:
+            print(f"  profile {d} {s} {r['row']}:")
+            with torch.no_grad():
+                r["profile"] = profile_call(calls[j][0], calls[j][1], device)
+        print(f"  {d} {s} {r['row']}: {r['ms']:.1f} ms/call, {r['gflops']:.1f} GFLOP/s "
+              f"({r['of_gemm_dtype']:.0%} of GEMM), x{r['vs_diffusers_interleaved'] or float('nan'):.2f} "
+              f"of the fastest diffusers row", flush=True)
+    return rows
 
 
 def _ratios(results):
@@ -231,15 +263,18 @@ def df_rows(results, size, dtype):
 
 
 def _summary(results):
+    """Per latent size: sd_func's fastest row of each dtype against diffusers' fastest (interleaved
+    ratio), and against diffusers' fastest row of any dtype (medians, measured apart)."""
     for s in sorted({r["size"] for r in results}):
         for d in sorted({r["dtype"] for r in results if r["size"] == s}):
             ours = [r for r in results if r["size"] == s and r["dtype"] == d and r["impl"] == "sd_func"]
             theirs = df_rows(results, s, d)
             if ours and theirs:
-                o = min(ours, key=lambda r: r["median_s"])
+                o = min(ours, key=lambda r: r["vs_diffusers_interleaved"])
                 t = min(theirs, key=lambda r: r["median_s"])
-                print(f"latent {s} {d}: sd_func best ({o['row']}) {o['ms']:.0f} ms = {o['median_s'] / t['median_s']:.2f}x "
-                      f"diffusers best ({t['row']}) {t['ms']:.0f} ms; {o['of_gemm_dtype']:.0%} of the {d} GEMM rate")
+                print(f"latent {s} {d}: sd_func best ({o['row']}) {o['ms']:.0f} ms = x{o['vs_diffusers_interleaved']:.2f} "
+                      f"of diffusers' best ({t['row']}, {t['ms']:.0f} ms) side by side, x{o['vs_diffusers_best']:.2f} "
+                      f"of diffusers' best of any dtype; {o['of_gemm_dtype']:.0%} of the {d} GEMM rate")
 
 
 if __name__ == "__main__":
