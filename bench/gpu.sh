@@ -75,6 +75,7 @@ EOF
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv,noheader
 
 if [ "$TINY" = 1 ]; then
+  export OMP_NUM_THREADS=1  # tiny ops on a shared CPU: a second thread only spins
   UNET=(--tiny --sizes 8 --iters 2 --warmup 1 --dtypes fp32,bf16 --layouts nchw,cl --modes eager)
   SAMPLE=(--preset tiny --steps 3 --iters 1 --warmup 1 --dtype fp32 --modes sd_func_eager,diffusers_eager)
   TRAIN=(--preset tiny --batch 2 --steps 2 --warmup 1 --modes sd_func_eager,diffusers_eager)
@@ -122,7 +123,7 @@ if u:
     for r in u["results"]:
         rows.append((f"UNet call B=2 {r['size']}x{r['size']} {r['dtype']} {r['row']}", f"{r['it_per_s']:.1f} it/s",
                      f"{r['ms']:.2f} ms, {r['gflops'] / 1e3:.1f} TFLOP/s = {r['of_gemm_dtype']:.0%} of GEMM, "
-                     f"x{r.get('vs_diffusers_best_same_dtype') or float('nan'):.2f} of diffusers best, "
+                     f"x{r.get('vs_diffusers_interleaved') or float('nan'):.2f} of diffusers' fastest, "
                      f"{r.get('peak_mem_gib', float('nan')):.1f} GiB", dev))
 s = load("sample.json")
 if s:
