@@ -274,13 +274,14 @@ def test_precache_round_trip(tmp_path):
     assert index["num_examples"] == 10 and [s["count"] for s in index["shards"]] == [6, 4]
     cfg.data.update(kind="latents", path=out)
     src = data.make_source(cfg.data, seed=5)
-    # read back equals direct encoding of the same examples
+    # read back equals direct encoding of the same examples (up to float32 rounding: the
+    # precache encodes in batches of 4, and a conv's kernel choice may depend on the batch)
     examples = [shapes.ShapesDataset(2, 16).load(i) for i in range(10)]
     images = torch.stack([e["images"] for e in examples])
     moments, context = precache.encode_batch(params, cfg, images, [e["captions"] for e in examples])
     rows = [src.dataset.load(i) for i in range(10)]
-    torch.testing.assert_close(torch.stack([r["moments"] for r in rows]), moments, rtol=0, atol=0)
-    torch.testing.assert_close(torch.stack([r["context"] for r in rows]), context, rtol=0, atol=0)
+    torch.testing.assert_close(torch.stack([r["moments"] for r in rows]), moments, rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.stack([r["context"] for r in rows]), context, rtol=0, atol=1e-5)
     assert [r["captions"] for r in rows] == [e["captions"] for e in examples]
     assert moments.shape == (10, 2 * cfg.vae.latent_channels, 8, 8)
     assert src.empty_context.shape == context.shape[1:]
