@@ -119,7 +119,8 @@ def _own_storage(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _fsync(path: str) -> None:
+def fsync(path: str) -> None:
+    """Flush a file's (or a folder's) contents to disk before a rename makes it visible."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -127,36 +128,31 @@ def _fsync(path: str) -> None:
         os.close(fd)
 
 
-def write_safetensors(flat: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, os.replace."""
+def _atomic_write(write_fn, path: str, suffix: str) -> None:
+    """write_fn(tmp) into a temporary file in path's folder, fsync, then os.replace onto path."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     os.close(fd)
     try:
-        safetensors.torch.save_file(_own_storage(flat), tmp, metadata=metadata)
-        _fsync(tmp)
+        write_fn(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_safetensors(flat: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
+    """Write atomically: a temporary file in the same folder, fsync, os.replace."""
+    _atomic_write(lambda tmp: safetensors.torch.save_file(_own_storage(flat), tmp, metadata=metadata),
+                  path, ".safetensors")
 
 
 def write_torch(obj: dict, path: str) -> None:
     """torch.save atomically; obj must hold only tensors and plain values."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        _fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic_write(lambda tmp: torch.save(obj, tmp), path, ".ckpt")
 
 
 def write_json(obj, path: str) -> None:

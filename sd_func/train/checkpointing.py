@@ -21,6 +21,7 @@ import safetensors.torch
 import torch
 
 from sd_func import tree
+from sd_func.checkpoint.files import fsync
 
 META = "checkpoint.json"
 TMP_PREFIX = "tmp-"
@@ -63,14 +64,6 @@ def clean_partial(workdir: str) -> list[str]:
     return gone
 
 
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _flat_tensors(name: str, t) -> dict[str, torch.Tensor]:
     flat = tree.flatten(t) if isinstance(t, dict) else {"value": t}
     out = {}
@@ -101,13 +94,13 @@ def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str
         flat = _flat_tensors(name, t)
         # safetensors sorts its keys; the stored order restores the trees' own key order.
         safetensors.torch.save_file(flat, f, metadata={"format": FORMAT, "paths": json.dumps(list(flat))})
-        _fsync(f)
+        fsync(f)
     m = dict(meta, step=int(step), format=FORMAT, files=sorted(trees))
     with open(os.path.join(tmp, META), "w") as fh:
         json.dump(m, fh, indent=1, sort_keys=True)
         fh.flush()
         os.fsync(fh.fileno())
-    _fsync(tmp)
+    fsync(tmp)
     final = os.path.join(d, str(step))
     if os.path.exists(final):  # re-saving a step (e.g. the final one): swap, then drop the old one
         old = os.path.join(d, f"{TMP_PREFIX}old-{step}-{os.getpid()}")
@@ -116,7 +109,7 @@ def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str
         shutil.rmtree(old)
     else:
         os.rename(tmp, final)
-    _fsync(d)
+    fsync(d)
     if keep and keep > 0:
         for s in steps(workdir)[:-keep]:
             shutil.rmtree(os.path.join(d, str(s)), ignore_errors=True)
