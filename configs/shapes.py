@@ -37,12 +37,12 @@ def get_config(arg=None):
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
         sample_size=64, scaling_factor=1.0)  # scaling_factor is set by the VAE stage
     c.vae_train = ml_collections.ConfigDict(dict(
-        steps=400, batch_size=16, lr=2e-3, warmup=50, kl_weight=1e-4, compile=False,
-        checkpoint_every=200, log_every=100))
+        steps=600, batch_size=16, lr=2e-3, lr_schedule="constant", warmup=50, kl_weight=1e-4,
+        compile=False, checkpoint_every=200, log_every=100))
 
     c.text_encoder = text_encoder.config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, vocab_size=1000, projection_dim=64, tokenizer="builtin:shapes")
+        max_position_embeddings=16, vocab_size=1000, projection_dim=64, tokenizer="builtin:shapes")
     c.unet = unet.config(
         block_out_channels=(32, 64, 64), layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

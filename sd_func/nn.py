@@ -117,7 +117,43 @@ def init_norm(c: int, dtype=torch.float32) -> dict:
 
 def group_norm(p: dict, x: torch.Tensor, groups: int = 32, eps: float = 1e-5) -> torch.Tensor:
     """GroupNorm over [B,C,H,W] (any memory format, channels_last included)."""
-    return F.group_norm(x, groups, p["weight"], p["bias"], eps)
+    w, b = p["weight"], p["bias"]
+    if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.dtype == w.dtype == b.dtype
+            and x.ndim >= 2 and x.numel() > 0):
+        return _GroupNorm.apply(x, w, b, groups, eps)[0]
+    return F.group_norm(x, groups, w, b, eps)
+
+
+class _GroupNorm(torch.autograd.Function):
+    """F.group_norm whose backward is ATen's fused native_group_norm_backward kernel.
+
+    Under torch.func.grad the built-in derivative runs as a decomposition into ~20
+    elementwise ops (2x the fused kernel's time on a CPU: 25% of the shapes VAE step).
+    Eager only: under torch.compile, inductor fuses the decomposition itself.
+    """
+
+    @staticmethod
+    def forward(x, w, b, groups, eps):
+        n, c = x.shape[:2]
+        return torch.ops.aten.native_group_norm(x, w, b, n, c, x.numel() // max(n * c, 1), groups, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w, _, groups, _ = inputs
+        _, mean, rstd = output
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.groups = groups
+        ctx.mark_non_differentiable(mean, rstd)
+
+    @staticmethod
+    def backward(ctx, gy, _gmean, _grstd):
+        x, w, mean, rstd = ctx.saved_tensors
+        n, c = x.shape[:2]
+        cl = x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        gy = gy.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(
+            gy, x, mean, rstd, w, n, c, x.numel() // max(n * c, 1), ctx.groups, list(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None, None
 
 
 def layer_norm(p: dict, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:

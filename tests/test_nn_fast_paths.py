@@ -1,5 +1,5 @@
 """CPU fast paths of sd_func.nn (convolution as a GEMM over patches, fp32 compute for bf16 on
-CPUs without bf16 arithmetic) against the plain torch ops, and bench/common's analytic UNet
+CPUs without bf16 arithmetic, GroupNorm's fused backward under torch.func) against the plain torch ops, and bench/common's analytic UNet
 MAC count against torch.utils.flop_counter."""
 
 import os
@@ -21,6 +21,26 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 6, 6), (2, 32, 5, 7), (3, 6, 10)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_group_norm_fused_backward_matches_torch(shape, channels_last):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    if channels_last and x.ndim == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    p = {"weight": torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5,
+         "bias": torch.randn(shape[1], generator=g, dtype=torch.float64)}
+    t = torch.randn(shape, generator=g, dtype=torch.float64)
+    ours = torch.func.grad(lambda p, x: (nn.group_norm(p, x, 2) * t).sum(), argnums=(0, 1))(p, x)
+    ref = torch.func.grad(lambda p, x: (F.group_norm(x, 2, p["weight"], p["bias"]) * t).sum(),
+                          argnums=(0, 1))(p, x)
+    for a, b in zip(tree.leaves(ours), tree.leaves(ref)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    y = nn.group_norm(p, x.requires_grad_(), 2)
+    assert y.is_contiguous(memory_format=torch.channels_last) == (channels_last and x.ndim == 4)
+    torch.testing.assert_close(y, F.group_norm(x, 2, p["weight"], p["bias"]))
 
 
 @pytest.mark.parametrize("kernel,stride,padding", [(3, 1, 1), (3, 2, 1), (3, 2, 0), (1, 1, 0), (1, 2, 0), (3, 1, 0)])

@@ -297,3 +297,29 @@ def test_bad_inputs_raise_clear_errors(models):
         train_step.make_train_step(_cfg(precision="fp8"))
     with pytest.raises(ValueError, match="train_text_encoder"):
         train_state.init_state(cfg, models["unet"], models["frozen"]["text_encoder"])
+
+
+def test_eager_grad_and_value_equals_torch_func():
+    """train.autodiff (autograd on detached leaves) == torch.func.grad_and_value, inputs untouched."""
+    from sd_func.nn import group_norm
+    from sd_func.train import autodiff
+
+    g = torch.Generator().manual_seed(0)
+    params = {"a": {"weight": torch.rand(8, generator=g) + 0.5, "bias": torch.randn(8, generator=g)},
+              "w": torch.randn(8, 8, generator=g), "unused": torch.randn(3, generator=g)}
+    x = torch.randn(2, 8, 4, 4, generator=g)
+
+    def fn(p):
+        h = group_norm(p["a"], x, 4)
+        v = torch.einsum("bchw,cd->bdhw", h, p["w"]).square().mean()
+        return v, {"half": v / 2}
+
+    ours, (value, aux) = autodiff.grad_and_value(fn, params)
+    ref, (ref_value, ref_aux) = torch.func.grad_and_value(fn, has_aux=True)(params)
+    for k, v in tree.flatten(ref).items():
+        torch.testing.assert_close(tree.flatten(ours)[k], v, rtol=1e-6, atol=1e-7)
+    assert torch.equal(tree.flatten(ours)["unused"], torch.zeros(3))
+    torch.testing.assert_close(value, ref_value)
+    torch.testing.assert_close(aux["half"], ref_aux["half"])
+    assert not value.requires_grad and not aux["half"].requires_grad
+    assert not any(v.requires_grad for v in tree.leaves(params))

@@ -31,12 +31,20 @@ def evaluate(params: dict, cfg, outdir: str, log=print) -> dict:
     grid_path = os.path.join(outdir, cfg.eval.grid)
     image_io.save_png(grid_path, image_io.grid(imgs, cols=min(len(prompts), 15)))
     scores = SCORERS[kind](imgs.numpy(), prompts)
-    result = {k: v for k, v in scores.items() if k != "predictions"}
+    result = {k: v for k, v in scores.items() if k not in ("predictions", "correct")}
     result.update(sampler=cfg.sample.sampler, steps=int(cfg.sample.steps),
-                  guidance_scale=float(cfg.sample.guidance_scale), grid=grid_path)
+                  guidance_scale=float(cfg.sample.guidance_scale), grid=grid_path,
+                  wrong=_wrong(prompts, scores))
     with open(os.path.join(outdir, "eval.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     log(f"prompt accuracy: {100 * result['accuracy']:.1f}% of {result['n']} prompts right on color, shape "
         f"and background (color {100 * result['color']:.1f}%, shape {100 * result['shape']:.1f}%, "
         f"background {100 * result['background']:.1f}%); grid: {grid_path}")
     return result
+
+
+
+def _wrong(prompts: list, scores: dict) -> list:
+    """[{"index", "prompt", "read"}] for every prompt the scorer read differently."""
+    return [{"index": i, "prompt": p, "read": {k: v for k, v in pred.items() if isinstance(v, str) or v is None}}
+            for i, (p, pred, ok) in enumerate(zip(prompts, scores["predictions"], scores["correct"])) if not ok]

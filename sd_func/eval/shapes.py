@@ -125,7 +125,8 @@ def score(images, prompts) -> dict:
     """Prompt accuracy of images uint8 [N, H, W, 3] against their prompts.
 
     Returns {"accuracy": all three attributes right, "color", "shape", "background":
-    per-attribute accuracies, "n", "predictions": list of dicts from `analyze`}.
+    per-attribute accuracies, "n", "predictions": list of dicts from `analyze`, "correct":
+    per-image bools}.
     """
     if isinstance(images, torch.Tensor):
         images = images.cpu().numpy()
@@ -143,4 +144,4 @@ def score(images, prompts) -> dict:
             for i, k in enumerate(("color", "shape", "background"))}
     correct = [all(h) for h in zip(*hits.values())]
     return {"accuracy": sum(correct) / n, **{k: sum(v) / n for k, v in hits.items()},
-            "n": len(prompts), "predictions": preds}
+            "n": len(prompts), "predictions": preds, "correct": correct}

@@ -1,7 +1,8 @@
 """The train step: one pure function `train_step(state, frozen, batch) -> (state, metrics)`.
 
 Forward (frozen VAE encode -> latents * scaling_factor; text encoder; the diffusion
-loss of sd_func.diffusion.losses), backward through `torch.func.grad_and_value`,
+loss of sd_func.diffusion.losses), backward (train.autodiff: torch.func.grad_and_value when
+compiled, the same through torch.autograd.grad in eager mode),
 gradient mean over data-parallel ranks, global-norm clipping, functional AdamW, EMA
 and the fp16 loss scale: all in one function that `torch.compile(fullgraph=True)`
 compiles whole when cfg.train.compile (a compile failure raises; there is no eager
@@ -32,7 +33,7 @@ import torch
 from sd_func import random, tree
 from sd_func.diffusion import losses, schedules
 from sd_func.models import autoencoder, text_encoder, unet
-from sd_func.train import distributed, optim
+from sd_func.train import autodiff, distributed, optim
 from sd_func.train import lr as lr_lib
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
@@ -174,7 +175,7 @@ def _train_step(hp: dict, world: int, lay: optim.Layout, flat: dict, frozen: dic
                 hp["prediction_type"], hp["min_snr_gamma"], hp["noise_offset"], batch.get("offset_noise"))
         return (loss * scale if fp16 else loss), loss.detach()
 
-    grads, (_, loss) = torch.func.grad_and_value(loss_fn, has_aux=True)(params)
+    grads, (_, loss) = autodiff.grad_and_value(loss_fn, params)
     flat_g = tree.flatten(grads)
     g = torch.cat([flat_g[k].reshape(-1).to(torch.float32) for k in lay.paths] + [loss.reshape(1).float()])
     if world > 1:  # one all-reduce of the gradient vector and the loss

@@ -5,7 +5,7 @@ reconstruction loss and a small KL pull of the posterior towards N(0, I), so tha
 its latents are smooth; then the latent scaling factor is 1 / std of the latents
 (how SD's 0.18215 was found), making them unit-variance for the diffusion model.
 We drop the perceptual and adversarial terms: on synthetic flat-colour images a
-pixel loss reconstructs sharply. The step is pure (torch.func.grad_and_value,
+pixel loss reconstructs sharply. The step is pure (train.autodiff.grad_and_value,
 the functional AdamW of train.optim) like the UNet's.
 
 The stage lives in <workdir>/vae/ with its own atomic checkpoints, so the one
@@ -15,11 +15,13 @@ command of a run resumes inside this stage or skips it when it is done.
 import os
 import time
 
+import ml_collections
 import torch
 
 from sd_func import data, random, tree
 from sd_func.models import autoencoder
-from sd_func.train import checkpointing, optim
+from sd_func.train import autodiff, checkpointing, optim
+from sd_func.train import lr as lr_lib
 
 _TAG = 0x7AE0
 
@@ -37,10 +39,11 @@ def vae_loss(p: dict, images: torch.Tensor, noise: torch.Tensor, cfg_vae, kl_wei
 def make_step(cfg):
     """`step(state, images, noise) -> (state, metrics)`; state = {"params", "opt", "step"}."""
     vc, tc = cfg.vae, cfg.vae_train
+    schedule = lr_lib.schedule_fn(_schedule_cfg(tc))
 
     def step(state, images, noise):
         fn = lambda p: vae_loss(p, images, noise, vc, tc.kl_weight)  # noqa: E731
-        grads, (loss, (l1, kl)) = torch.func.grad_and_value(fn, has_aux=True)(state["params"])
+        grads, (loss, (l1, kl)) = autodiff.grad_and_value(fn, state["params"])
         flat = tree.flatten(state["params"])
         paths = list(flat)
         p = [flat[k] for k in paths]
@@ -49,14 +52,20 @@ def make_step(cfg):
         norm = optim.global_norm(g)
         g = optim.clip_by_global_norm(g, norm, 1.0)
         count = state["step"] + 1
-        lr = tc.lr * torch.clamp(count.float() / max(tc.warmup, 1), max=1.0)
-        p, mu, nu = optim.adamw(p, g, mu, nu, [False] * len(p), count, lr,
+        p, mu, nu = optim.adamw(p, g, mu, nu, [False] * len(p), count, schedule(state["step"]),
                                 b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
         unflat = lambda leaves: tree.unflatten(dict(zip(paths, leaves)))  # noqa: E731
         new = {"params": unflat(p), "opt": {"mu": unflat(mu), "nu": unflat(nu)}, "step": count}
         return new, {"loss": loss.detach(), "l1": l1, "kl": kl, "grad_norm": norm}
 
     return torch.compile(step, fullgraph=True, dynamic=False) if tc.compile else step
+
+
+def _schedule_cfg(tc) -> dict:
+    """vae_train's lr fields in train.lr's form (lr_schedule defaults to "constant")."""
+    return ml_collections.ConfigDict(dict(lr=tc.lr, warmup=tc.warmup, steps=tc.steps,
+                                          lr_schedule=tc.get("lr_schedule", "constant"),
+                                          lr_min=tc.get("lr_min", 0.0)))
 
 
 @torch.no_grad()
