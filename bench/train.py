@@ -1,6 +1,6 @@
 """Training-step throughput: sd_func's pure step vs diffusers + torch.optim.AdamW, side by side.
 
-  python bench/train.py [--preset tiny|mid|sd15] [--batch 8] [--steps 10] [--warmup 2]
+  python bench/train.py [--preset tiny|shapes|mid|sd15] [--batch 8] [--steps 10] [--warmup 2]
       [--precision bf16|fp16|fp32|tf32] [--inputs latents|images]
       [--modes sd_func_compiled,sd_func_eager,diffusers_eager,diffusers_compiled] [--out train_bench.json]
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import tiny, txt2img  # noqa: E402
+from configs import shapes, tiny, txt2img  # noqa: E402
 from sd_func import random, tree  # noqa: E402
 from sd_func.models import autoencoder, text_encoder, unet  # noqa: E402
 from sd_func.train import state as train_state  # noqa: E402
@@ -43,6 +43,8 @@ AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def get_config(preset: str):
     if preset == "tiny":
         return tiny.get_config()
+    if preset == "shapes":  # the main job's UNet (16x16x4 latents, 16-token context)
+        return shapes.get_config()
     cfg = txt2img.get_config()
     if preset == "mid":  # SD 1.5's layout at a third of its width and 3 levels: ~120M params
         cfg.unet = unet.config(block_out_channels=(128, 256, 512), layers_per_block=2,
@@ -51,7 +53,7 @@ def get_config(preset: str):
                                attention_head_dim=8, cross_attention_dim=768)
         cfg.data.resolution = 256
     elif preset != "sd15":
-        raise ValueError(f"--preset={preset!r}: expected tiny, mid or sd15")
+        raise ValueError(f"--preset={preset!r}: expected tiny, shapes, mid or sd15")
     return cfg
 
 
@@ -65,12 +67,13 @@ def make_batches(cfg, args, device, frozen):
     b, r = args.batch, cfg.data.resolution
     g = torch.Generator().manual_seed(0)
     shape = train_step.latent_shape(cfg)
+    n_tok = min(77, int(cfg.text_encoder.max_position_embeddings))
     if args.inputs == "images":
         data = {"images": torch.rand(b, 3, r, r, generator=g) * 2 - 1,
-                "input_ids": torch.randint(0, cfg.text_encoder.vocab_size - 2, (b, 77), generator=g)}
+                "input_ids": torch.randint(0, cfg.text_encoder.vocab_size - 2, (b, n_tok), generator=g)}
     else:
         data = {"moments": torch.cat([torch.randn(b, *shape, generator=g), torch.full((b, *shape), -4.0)], 1),
-                "context": torch.randn(b, 77, cfg.text_encoder.hidden_size, generator=g)}
+                "context": torch.randn(b, n_tok, cfg.text_encoder.hidden_size, generator=g)}
     data = tree.to(data, device=device)
     out = []
     for s in range(args.steps + args.warmup):
@@ -200,7 +203,8 @@ def main():
     cfg.train.update(warmup=0, grad_clip=1.0, cond_drop=0.1)
     params = {"unet": tree.to(unet.init(random.key(0), cfg.unet), device=device)}
     te = tree.to(text_encoder.init(random.key(2), cfg.text_encoder), device=device)
-    uncond_ids = torch.tensor([cfg.text_encoder.vocab_size - 2] + [cfg.text_encoder.vocab_size - 1] * 76,
+    n_tok = min(77, int(cfg.text_encoder.max_position_embeddings))
+    uncond_ids = torch.tensor([cfg.text_encoder.vocab_size - 2] + [cfg.text_encoder.vocab_size - 1] * (n_tok - 1),
                               device=device)
     if args.inputs == "images":
         frozen = {"vae": tree.to(autoencoder.init(random.key(1), cfg.vae), device=device),

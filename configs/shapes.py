@@ -50,11 +50,11 @@ def get_config(arg=None):
         attention_head_dim=4, cross_attention_dim=64, norm_num_groups=8, sample_size=16)
 
     c.train.update(
-        steps=1200, batch_size=32, lr=1e-3, lr_schedule="cosine", warmup=100, weight_decay=0.0,
+        steps=2300, batch_size=32, lr=2e-3, lr_schedule="cosine", warmup=100, weight_decay=0.0,
         ema_decay=0.995, cond_drop=0.1, min_snr_gamma=5.0, precision="fp32", compile=False,
         train_text_encoder=True,
         checkpoint_every=250, keep_checkpoints=2, log_every=50, sample_every=0)
-    c.sample.update(height=64, width=64, sampler="dpmpp_2m", steps=25, guidance_scale=4.0,
+    c.sample.update(height=64, width=64, sampler="euler_ancestral", steps=50, guidance_scale=3.0,
                     batch_size=30, dtype="float32", prompts=tuple(shapes.prompts()))
     c.eval = ml_collections.ConfigDict(dict(kind="shapes", seed=1000, grid="samples.png"))
 

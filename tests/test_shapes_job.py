@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from configs import shapes
 from sd_func import checkpoint
 from sd_func.train import checkpointing
 
@@ -45,7 +46,12 @@ def test_all_stages_ran(workdir):
     assert checkpointing.steps(wd)[-1] == 4
     with open(os.path.join(wd, "eval.json")) as fh:
         ev = json.load(fh)
-    assert ev["n"] == 6 and 0.0 <= ev["accuracy"] <= 1.0 and ev["sampler"] == "dpmpp_2m"
+    cfg = shapes.get_config("smoke")
+    assert ev["n"] == 6 and 0.0 <= ev["accuracy"] <= 1.0
+    assert (ev["sampler"], ev["steps"], ev["guidance_scale"]) == (cfg.sample.sampler, cfg.sample.steps,
+                                                                  cfg.sample.guidance_scale)
+    assert len(ev["wrong"]) == round(ev["n"] * (1 - ev["accuracy"]))
+    assert all(set(w) == {"index", "prompt", "read"} for w in ev["wrong"])
     assert os.path.getsize(os.path.join(wd, "samples.png")) > 0
     # The trained VAE and its measured scaling factor are what the UNet stage trained on.
     init, init_cfg = checkpoint.load(os.path.join(wd, "vae", "init.safetensors"))
