@@ -43,8 +43,10 @@ AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def get_config(preset: str):
     if preset == "tiny":
         return tiny.get_config()
-    if preset == "shapes":  # the main job's UNet (16x16x4 latents, 16-token context)
-        return shapes.get_config()
+    if preset == "shapes":  # the main job's UNet (16x16x4 latents, 16-token context), UNet only
+        cfg = shapes.get_config()
+        cfg.train.train_text_encoder = False
+        return cfg
     cfg = txt2img.get_config()
     if preset == "mid":  # SD 1.5's layout at a third of its width and 3 levels: ~120M params
         cfg.unet = unet.config(block_out_channels=(128, 256, 512), layers_per_block=2,
