@@ -61,11 +61,11 @@ def make_step(cfg):
     return torch.compile(step, fullgraph=True, dynamic=False) if tc.compile else step
 
 
-def _schedule_cfg(tc) -> dict:
+def _schedule_cfg(tc) -> ml_collections.ConfigDict:
     """vae_train's lr fields in train.lr's form (lr_schedule defaults to "constant")."""
-    return ml_collections.ConfigDict(dict(lr=tc.lr, warmup=tc.warmup, steps=tc.steps,
-                                          lr_schedule=tc.get("lr_schedule", "constant"),
-                                          lr_min=tc.get("lr_min", 0.0)))
+    return ml_collections.ConfigDict({"lr": tc.lr, "warmup": tc.warmup, "steps": tc.steps,
+                                      "lr_schedule": tc.get("lr_schedule", "constant"),
+                                      "lr_min": tc.get("lr_min", 0.0)})
 
 
 @torch.no_grad()
