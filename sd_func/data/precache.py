@@ -68,13 +68,10 @@ def encode_batch(params: dict, cfg, images: torch.Tensor, captions: list[str], d
     """(moments [b, 2C, h, w], context [b, L, D]) of a batch, as the trainer would compute them."""
     p_vae, p_te = params["vae"], params["text_encoder"]
     mean, logvar = autoencoder.encode(p_vae, images.to(device), cfg.vae)
-    ids = tokenizer.encode(tokenizer.load(cfg.text_encoder.tokenizer), captions, max_length(cfg))
+    tok = tokenizer.load(cfg.text_encoder.tokenizer)
+    ids = tokenizer.encode(tok, captions, tokenizer.max_length(tok, cfg.text_encoder))
     context = text_encoder.apply(p_te, ids.to(device), cfg.text_encoder, clip_skip=clip_skip(cfg))
     return torch.cat([mean, logvar], dim=1), context
-
-
-def max_length(cfg) -> int:
-    return min(77, cfg.text_encoder.max_position_embeddings)
 
 
 def clip_skip(cfg) -> int:
@@ -132,7 +129,8 @@ def precache(params: dict, cfg, out: str, seed: int = 0, num_examples: int | Non
             raise ValueError(f"precache: config.data ({cfg.data.kind}, {cfg.data.get('path', '')!r}) gave no "
                              f"readable example ({skipped} skipped)")
         with torch.no_grad():
-            ids = tokenizer.encode(tokenizer.load(cfg.text_encoder.tokenizer), [""], max_length(cfg))
+            tok = tokenizer.load(cfg.text_encoder.tokenizer)
+            ids = tokenizer.encode(tok, [""], tokenizer.max_length(tok, cfg.text_encoder))
             empty = text_encoder.apply(params["text_encoder"], ids.to(device), cfg.text_encoder,
                                        clip_skip=clip_skip(cfg))
         save_file({"context": empty.to("cpu", dtype).contiguous()}, os.path.join(tmp, latents.EMPTY))

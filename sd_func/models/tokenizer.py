@@ -188,6 +188,12 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
         return False
 
 
+def max_length(tok, cfg_te) -> int:
+    """Token ids per prompt: the tokenizer's model_max_length (77 for CLIP), capped by the
+    text encoder's max_position_embeddings (configs/shapes.py uses 16)."""
+    return min(int(tok.model_max_length), int(cfg_te.max_position_embeddings))
+
+
 def encode(tok, prompts, max_length: int = 77) -> torch.Tensor:
     """Prompts -> LongTensor [B, max_length]: <|startoftext|> ids <|endoftext|> then the
     tokenizer's pad token, truncated to max_length (diffusers: padding="max_length")."""

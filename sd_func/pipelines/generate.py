@@ -47,8 +47,7 @@ def encode_prompts(params_te, cfg, prompts, clip_skip=0) -> torch.Tensor:
     """Prompts -> text encoder hidden states [B, 77, D] (diffusers' encode_prompt, clip_skip
     counted as diffusers does: 1 = the penultimate layer)."""
     tok = tokenizer.load(cfg.text_encoder.tokenizer)
-    length = min(int(tok.model_max_length), int(cfg.text_encoder.max_position_embeddings))
-    ids = tokenizer.encode(tok, list(prompts), max_length=length)
+    ids = tokenizer.encode(tok, list(prompts), max_length=tokenizer.max_length(tok, cfg.text_encoder))
     device = params_te["text_model"]["final_layer_norm"]["weight"].device
     return text_encoder.apply(params_te, ids.to(device), cfg.text_encoder, clip_skip=int(clip_skip) or None)
 

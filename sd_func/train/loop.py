@@ -132,13 +132,9 @@ def _prepare(batch: dict, step: int, key: int, cfg, tok, shape, device) -> tuple
     captions = batch.pop("captions", None)
     out = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "index"}
     if "images" in out:
-        out["input_ids"] = tokenizer.encode(tok, captions, max_length=_max_length(cfg)).to(device)
+        out["input_ids"] = tokenizer.encode(tok, captions, max_length=tokenizer.max_length(tok, cfg.text_encoder)).to(device)
     out.update(train_step_lib.step_inputs(cfg, key, step, batch["index"].tolist(), shape, device=device))
     return out, skipped
-
-
-def _max_length(cfg) -> int:
-    return min(77, int(cfg.text_encoder.max_position_embeddings))
 
 
 def _latent_shape(cfg, source) -> tuple:
@@ -153,7 +149,7 @@ def _frozen_inputs(cfg, frozen_models: dict, source, tok, device) -> dict:
     """What the step takes besides the state: frozen nets, the empty prompt for cond_drop."""
     frozen = {k: v for k, v in frozen_models.items()}
     if tok is not None:
-        frozen["uncond_ids"] = tokenizer.encode(tok, [""], max_length=_max_length(cfg))[0]
+        frozen["uncond_ids"] = tokenizer.encode(tok, [""], max_length=tokenizer.max_length(tok, cfg.text_encoder))[0]
     empty = getattr(source, "empty_context", None)
     if empty is not None:
         frozen["uncond_context"] = empty[None].float()
