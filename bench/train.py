@@ -64,12 +64,16 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def context_length(cfg) -> int:
+    """Token positions per prompt: CLIP's 77, or fewer where the text encoder has fewer (shapes: 16)."""
+    return min(77, int(cfg.text_encoder.max_position_embeddings))
+
+
 def make_batches(cfg, args, device, frozen):
     """`steps + warmup` batches: fixed images/ids or moments/context plus step_inputs."""
     b, r = args.batch, cfg.data.resolution
     g = torch.Generator().manual_seed(0)
-    shape = train_step.latent_shape(cfg)
-    n_tok = min(77, int(cfg.text_encoder.max_position_embeddings))
+    shape, n_tok = train_step.latent_shape(cfg), context_length(cfg)
     if args.inputs == "images":
         data = {"images": torch.rand(b, 3, r, r, generator=g) * 2 - 1,
                 "input_ids": torch.randint(0, cfg.text_encoder.vocab_size - 2, (b, n_tok), generator=g)}
@@ -205,9 +209,8 @@ def main():
     cfg.train.update(warmup=0, grad_clip=1.0, cond_drop=0.1)
     params = {"unet": tree.to(unet.init(random.key(0), cfg.unet), device=device)}
     te = tree.to(text_encoder.init(random.key(2), cfg.text_encoder), device=device)
-    n_tok = min(77, int(cfg.text_encoder.max_position_embeddings))
-    uncond_ids = torch.tensor([cfg.text_encoder.vocab_size - 2] + [cfg.text_encoder.vocab_size - 1] * (n_tok - 1),
-                              device=device)
+    bos, eos = cfg.text_encoder.vocab_size - 2, cfg.text_encoder.vocab_size - 1  # CLIP: eos pads
+    uncond_ids = torch.tensor([bos] + [eos] * (context_length(cfg) - 1), device=device)
     if args.inputs == "images":
         frozen = {"vae": tree.to(autoencoder.init(random.key(1), cfg.vae), device=device),
                   "text_encoder": te, "uncond_ids": uncond_ids}

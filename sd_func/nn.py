@@ -118,8 +118,8 @@ def init_norm(c: int, dtype=torch.float32) -> dict:
 def group_norm(p: dict, x: torch.Tensor, groups: int = 32, eps: float = 1e-5) -> torch.Tensor:
     """GroupNorm over [B,C,H,W] (any memory format, channels_last included)."""
     w, b = p["weight"], p["bias"]
-    if (torch.is_grad_enabled() and not torch.compiler.is_compiling() and x.dtype == w.dtype == b.dtype
-            and x.ndim >= 2 and x.numel() > 0):
+    if (not torch.compiler.is_compiling() and torch._C._functorch.is_gradtrackingtensor(x)
+            and x.dtype == w.dtype == b.dtype and x.numel() > 0):
         return _GroupNorm.apply(x, w, b, groups, eps)[0]
     return F.group_norm(x, groups, w, b, eps)
 
@@ -127,10 +127,13 @@ def group_norm(p: dict, x: torch.Tensor, groups: int = 32, eps: float = 1e-5) ->
 class _GroupNorm(torch.autograd.Function):
     """F.group_norm whose backward is ATen's fused native_group_norm_backward kernel.
 
-    Under torch.func.grad the built-in derivative runs as a decomposition into ~20
-    elementwise ops (2x the fused kernel's time on a CPU: 25% of the shapes VAE step).
-    Eager only: under torch.compile, inductor fuses the decomposition itself.
+    Only inside torch.func.grad, where the built-in derivative runs as a decomposition
+    into ~20 elementwise ops (2x the fused kernel's time on a CPU). Plain autograd (the
+    eager train steps, train.autodiff) already runs the fused kernel, and under
+    torch.compile inductor fuses the decomposition itself: both take F.group_norm.
     """
+
+    generate_vmap_rule = True  # for vmap(grad(...))
 
     @staticmethod
     def forward(x, w, b, groups, eps):

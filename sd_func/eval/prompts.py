@@ -43,7 +43,6 @@ def evaluate(params: dict, cfg, outdir: str, log=print) -> dict:
     return result
 
 
-
 def _wrong(prompts: list, scores: dict) -> list:
     """[{"index", "prompt", "read"}] for every prompt the scorer read differently."""
     return [{"index": i, "prompt": p, "read": {k: v for k, v in pred.items() if isinstance(v, str) or v is None}}

@@ -12,28 +12,8 @@ is what run_sample.py runs (checkpoint + prompts in, numbered PNGs out).
 """
 
 from sd_func.pipelines import images, options
-from sd_func.pipelines.generate import (
-                                        OUTPUT_TYPES,
-                                        decode_latents,
-                                        encode_images,
-                                        encode_prompts,
-                                        image_keys,
-                                        img2img,
-                                        inpaint,
-                                        txt2img,
-                                        vae_scale_factor,
-)
+from sd_func.pipelines.generate import (OUTPUT_TYPES, decode_latents, encode_images, encode_prompts,
+                                        image_keys, img2img, inpaint, txt2img, vae_scale_factor)
 
-__all__ = [
-                                        "OUTPUT_TYPES",
-                                        "decode_latents",
-                                        "encode_images",
-                                        "encode_prompts",
-                                        "image_keys",
-                                        "images",
-                                        "img2img",
-                                        "inpaint",
-                                        "options",
-                                        "txt2img",
-                                        "vae_scale_factor",
-]
+__all__ = ["OUTPUT_TYPES", "decode_latents", "encode_images", "encode_prompts", "image_keys", "images",
+           "img2img", "inpaint", "options", "txt2img", "vae_scale_factor"]
