@@ -26,7 +26,7 @@ from sd_func.models import autoencoder, text_encoder, unet
 def get_config(arg=None):
     variant = arg or "full"
     if variant not in ("full", "smoke"):
-        raise ValueError(f"configs/shapes.py: unknown variant {variant!r}; expected 'full' or 'smoke'")
+        raise ValueError(f"unknown variant {variant!r}; expected 'full' or 'smoke'")
     smoke = variant == "smoke"
     c = txt2img.get_config()
     c.seed = 0

@@ -50,7 +50,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def get_config(arg=None):
-    del arg
+    if arg:
+        raise ValueError(f"unknown variant {arg!r}: this config has no variants")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.init_from = ""  # a checkpoint (diffusers folder, CompVis or native file) to fine-tune from

@@ -400,7 +400,7 @@ def test_full_size_names_and_inferred_architecture(release):
 
 
 def test_training_workdir(sd1, tmp_path):
-    from sd_func.train import checkpointing
+    from sd_func.checkpoint import training as checkpointing
     p, cfg = sd1["params"], sd1["cfg"]
     ema_unet = tree.tree_map(lambda x: x + 1, p["unet"])
     trees = {"params": {"unet": p["unet"]}, "ema": {"unet": ema_unet},

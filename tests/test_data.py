@@ -3,6 +3,9 @@
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 import tarfile
 
 import ml_collections
@@ -11,8 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sd_func import data
-from sd_func.data import loader, shapes, transforms, webdataset
+from configs import tiny
+from sd_func import data, random
+from sd_func.data import latents, loader, shapes, transforms, webdataset
+from sd_func.errors import UserError
+from sd_func.models import autoencoder, text_encoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def data_cfg(**kw):
@@ -260,17 +268,12 @@ def test_webdataset_state_restore(shards, workers):
 # ---------------------------------------------------------------- latents
 
 def test_precache_round_trip(tmp_path):
-    from configs import tiny
-    from sd_func import random
-    from sd_func.data import precache
-    from sd_func.models import autoencoder, text_encoder
-
     cfg = tiny.get_config()
     cfg.data.resolution = 16
     k_vae, k_te = random.split(random.key(0), 2)
     params = {"vae": autoencoder.init(k_vae, cfg.vae), "text_encoder": text_encoder.init(k_te, cfg.text_encoder)}
     out = str(tmp_path / "latents")
-    index = precache.precache(params, cfg, out, seed=2, num_examples=10, batch_size=4, shard_size=6)
+    index = latents.precache(params, cfg, out, seed=2, num_examples=10, batch_size=4, shard_size=6)
     assert index["num_examples"] == 10 and [s["count"] for s in index["shards"]] == [6, 4]
     cfg.data.update(kind="latents", path=out)
     src = data.make_source(cfg.data, seed=5)
@@ -278,7 +281,7 @@ def test_precache_round_trip(tmp_path):
     # precache encodes in batches of 4, and a conv's kernel choice may depend on the batch)
     examples = [shapes.ShapesDataset(2, 16).load(i) for i in range(10)]
     images = torch.stack([e["images"] for e in examples])
-    moments, context = precache.encode_batch(params, cfg, images, [e["captions"] for e in examples])
+    moments, context = latents.encode_batch(params, cfg, images, [e["captions"] for e in examples])
     rows = [src.dataset.load(i) for i in range(10)]
     torch.testing.assert_close(torch.stack([r["moments"] for r in rows]), moments, rtol=0, atol=1e-5)
     torch.testing.assert_close(torch.stack([r["context"] for r in rows]), context, rtol=0, atol=1e-5)
@@ -292,5 +295,18 @@ def test_precache_round_trip(tmp_path):
     torch.testing.assert_close(epoch["moments"], moments[perm], rtol=0, atol=1e-5)
     halves = concat([data.make_source(cfg.data, 5, r, 2).batch(1, 6) for r in range(2)])
     assert_same_batch(halves, data.make_source(cfg.data, 5).batch(1, 6))
-    with pytest.raises(FileExistsError):
-        precache.precache(params, cfg, out, num_examples=1)
+    with pytest.raises(UserError, match="exists"):
+        latents.precache(params, cfg, out, num_examples=1)
+
+
+def test_precache_command_line(tmp_path):
+    """python -m sd_func.data.precache writes a folder the trainer reads; bad input is one line."""
+    out = str(tmp_path / "lat")
+    cmd = [sys.executable, "-m", "sd_func.data.precache", "--config=configs/tiny.py", f"--out={out}",
+           "--num_examples=3", "--batch_size=2"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert latents.read_index(out)["num_examples"] == 3
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and again.stderr.strip().splitlines() == [
+        f"precache: error: {out}: exists; remove it or choose another output folder (--out)"]

@@ -20,7 +20,7 @@ from test_pipelines import MAX_MEAN_ERR_U8, tiny_sd_folder, with_scheduler
 import run_sample
 from sd_func import checkpoint, pipelines, random, tree
 from sd_func.pipelines import images
-from sd_func.train import checkpointing
+from sd_func.checkpoint import training as checkpointing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=" + os.path.join(ROOT, "configs", "tiny.py"), "--config.sample.batch_size=2"]

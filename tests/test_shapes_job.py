@@ -15,7 +15,7 @@ import pytest
 
 from configs import shapes
 from sd_func import checkpoint
-from sd_func.train import checkpointing
+from sd_func.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from sd_func import tree
-from sd_func.train import checkpointing
+from sd_func.checkpoint import training as checkpointing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4

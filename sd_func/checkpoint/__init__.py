@@ -11,26 +11,18 @@ CheckpointError (a ValueError; CheckpointNotFoundError is also a FileNotFoundErr
 the file and the first offending keys. Every save is atomic (temp file or folder, then
 rename). Formats: native.py, diffusers_format.py, compvis.py (+ compvis_keys.py); an
 sd_func training workdir (or one of its checkpoint folders) also loads, through
-sd_func.train.checkpointing.
+training.py (the format sd_func.train writes).
 """
 
 import os
 
-from sd_func.checkpoint import compvis, diffusers_format, files, native
+from sd_func.checkpoint import compvis, diffusers_format, files, native, training
 from sd_func.checkpoint.files import CheckpointError, CheckpointNotFoundError
 
 FORMATS = ("native", "diffusers", "compvis")
 _TORCH_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
 __all__ = ["FORMATS", "CheckpointError", "CheckpointNotFoundError", "detect", "load", "save"]
-
-
-def _is_workdir(path: str) -> bool:
-    try:
-        from sd_func.train import checkpointing
-    except ImportError:
-        return False
-    return checkpointing.is_workdir(path)
 
 
 def detect(path: str) -> str:
@@ -41,7 +33,7 @@ def detect(path: str) -> str:
     if os.path.isdir(path):
         if diffusers_format.is_diffusers_folder(path):
             return "diffusers"
-        if _is_workdir(path):
+        if training.is_workdir(path):
             return "workdir"
         hint = (" (a single component folder; pass the pipeline folder above it)"
                 if os.path.isfile(os.path.join(path, "config.json")) else "")
@@ -84,12 +76,11 @@ def load(path: str, cfg=None, ema=False, dtype=None):
 
 
 def _load_workdir(path: str, cfg, ema, dtype):
-    from sd_func.train import checkpointing
     if ema:
-        ckpt = path if os.path.isfile(os.path.join(path, checkpointing.META)) else checkpointing.latest(path)
-        if "ema" not in checkpointing.read_meta(ckpt).get("files", ()):
+        ckpt = path if os.path.isfile(os.path.join(path, training.META)) else training.latest(path)
+        if "ema" not in training.read_meta(ckpt).get("files", ()):
             raise CheckpointError(f"{ckpt}: ema=True but this training checkpoint stores no EMA weights")
-    params, stored = checkpointing.load_model(path, ema=ema is not False)
+    params, stored = training.load_model(path, ema=ema is not False)
     files.check_params(params, stored, path)
     return files.cast(params, dtype), files.merge_config(stored, cfg)
 

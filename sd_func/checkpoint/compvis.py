@@ -40,6 +40,7 @@ from sd_func import tree
 from sd_func.checkpoint import compvis_keys as K
 from sd_func.checkpoint import files
 from sd_func.diffusion import schedules
+from sd_func.models import autoencoder, text_encoder, unet
 
 log = logging.getLogger(__name__)
 CONFIG_KEY = "sd_func_config"
@@ -138,7 +139,6 @@ def _detect_text(sd: dict, layout: str) -> dict:
 
 def detect_config(sd: dict, meta: dict, where: str) -> ml_collections.ConfigDict:
     """cfg.unet/vae/text_encoder/diffusion inferred from an LDM state dict (see module doc)."""
-    from sd_func.models import autoencoder, text_encoder, unet
     layout = _layout(sd)
     missing = [p for p, ok in ((K.UNET, any(k.startswith(K.UNET) for k in sd)),
                                (K.VAE, any(k.startswith(K.VAE) for k in sd)),
@@ -279,7 +279,6 @@ def load(path: str, cfg=None, ema=False, dtype=None) -> tuple[dict, ml_collectio
 
 def to_state_dict(params: dict, cfg) -> dict[str, torch.Tensor]:
     """params -> LDM state dict: OpenCLIP layout for a gelu text encoder, CLIP otherwise."""
-    from sd_func.models import text_encoder
     layout = "openclip" if cfg.text_encoder.hidden_act == "gelu" else "clip"
     tables = _tables(cfg, layout)
     sources = {"unet": tree.to_state_dict(params["unet"]), "vae": tree.to_state_dict(params["vae"]),

@@ -20,6 +20,7 @@ import ml_collections
 from sd_func import tree
 from sd_func.checkpoint import files
 from sd_func.diffusion import schedules
+from sd_func.models import autoencoder, text_encoder, tokenizer, unet
 
 INDEX = "model_index.json"
 PIPELINE = "StableDiffusionPipeline"
@@ -171,7 +172,6 @@ def tokenizer_dir(path: str) -> str | None:
 
 
 def _write_tokenizer(spec: str, dest: str, where: str) -> None:
-    from sd_func.models import tokenizer
     if not spec:
         raise files.CheckpointError(
             f"{where}: cfg.text_encoder.tokenizer is empty, and a diffusers folder needs "
@@ -190,7 +190,6 @@ def _write_tokenizer(spec: str, dest: str, where: str) -> None:
 
 
 def save(params: dict, cfg, folder: str) -> None:
-    from sd_func.models import autoencoder, text_encoder, unet
     folder = os.path.abspath(folder)
     files.check_params(params, cfg, folder)
     parent = os.path.dirname(folder)

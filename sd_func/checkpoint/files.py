@@ -10,28 +10,26 @@ first offending keys; nothing is ever loaded partially.
 """
 
 import functools
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterable
 
 import ml_collections
-import safetensors
-import safetensors.torch
 import torch
 
-from sd_func import tree
+from sd_func import fileio, tree
+from sd_func.errors import MissingFileError, UserError
+from sd_func.models import autoencoder, text_encoder, unet
 
 SHOW = 5  # offending keys named in an error message
 MODEL_SECTIONS = ("unet", "vae", "text_encoder")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read: unknown format, corrupt, or not matching the model."""
 
 
-class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+class CheckpointNotFoundError(CheckpointError, MissingFileError):
     """The checkpoint path (or a file a checkpoint folder needs) does not exist."""
 
 
@@ -53,22 +51,20 @@ def require(path: str, kind: str = "file") -> None:
 
 def safetensors_header(path: str) -> tuple[list[str], dict]:
     """(tensor names, metadata) of a safetensors file without reading its tensors."""
+    require(path)
     try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            return list(f.keys()), dict(f.metadata() or {})
-    except Exception as e:  # SafetensorError for a truncated / corrupt header
-        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+        return fileio.safetensors_header(path)
+    except fileio.UnreadableFileError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, metadata) of a whole safetensors file, on the CPU."""
     require(path)
-    keys, meta = safetensors_header(path)
     try:
-        with safetensors.safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in keys}, meta
-    except Exception as e:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {e})") from e
+        return fileio.read_safetensors(path)
+    except fileio.UnreadableFileError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def read_torch(path: str) -> dict:
@@ -104,98 +100,35 @@ def read_tensors(path: str) -> tuple[dict[str, torch.Tensor], dict]:
 # ---------------------------------------------------------------------------- writing
 
 
-def _own_storage(flat: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CPU, contiguous, and no two tensors sharing storage (safetensors refuses that)."""
-    out, seen = {}, set()
-    for k, v in flat.items():
-        if not torch.is_tensor(v):
-            raise CheckpointError(f"cannot save {k!r}: a {type(v).__name__}, not a tensor")
-        v = v.detach().to("cpu").contiguous()
-        ptr = v.untyped_storage().data_ptr()
-        if ptr in seen or v.numel() * v.element_size() != v.untyped_storage().nbytes():
-            v = v.clone()
-        seen.add(v.untyped_storage().data_ptr())
-        out[k] = v
-    return out
-
-
-def fsync(path: str) -> None:
-    """Flush a file's (or a folder's) contents to disk before a rename makes it visible."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(write_fn, path: str, suffix: str) -> None:
-    """write_fn(tmp) into a temporary file in path's folder, fsync, then os.replace onto path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_safetensors(flat: dict[str, torch.Tensor], path: str, metadata: dict | None = None) -> None:
-    """Write atomically: a temporary file in the same folder, fsync, os.replace."""
-    _atomic_write(lambda tmp: safetensors.torch.save_file(_own_storage(flat), tmp, metadata=metadata),
-                  path, ".safetensors")
+write_safetensors = fileio.write_safetensors
+write_json = fileio.write_json
 
 
 def write_torch(obj: dict, path: str) -> None:
     """torch.save atomically; obj must hold only tensors and plain values."""
-    _atomic_write(lambda tmp: torch.save(obj, tmp), path, ".ckpt")
-
-
-def write_json(obj, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    fileio.atomic_write(lambda tmp: torch.save(obj, tmp), path, ".ckpt")
 
 
 def replace_folder(tmp: str, final: str, is_ours) -> None:
     """Move the finished folder tmp to final; an existing final folder is replaced only
     when is_ours(final) says it is a checkpoint of the same kind (never a user's folder)."""
     final = os.path.abspath(final)
-    if os.path.lexists(final):
-        if not os.path.isdir(final) or not (is_ours(final) or not os.listdir(final)):
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(f"{final}: exists and is not a checkpoint folder of this kind; "
-                                  "refusing to overwrite it")
-        old = tempfile.mkdtemp(prefix=".old-", dir=os.path.dirname(final))
-        os.rmdir(old)
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
+    if os.path.lexists(final) and not (os.path.isdir(final) and (is_ours(final) or not os.listdir(final))):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: exists and is not a checkpoint folder of this kind; "
+                              "refusing to overwrite it")
+    fileio.replace_folder(tmp, final)
 
 
 # ---------------------------------------------------------------------------- configs
 
 
-def _tuples(x):
-    if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
-    return x
-
-
 def config_from_json(text: str, where: str) -> ml_collections.ConfigDict:
     """The inverse of cfg.to_json() (lists back to tuples, as the configs write them)."""
     try:
-        return ml_collections.ConfigDict(_tuples(json.loads(text)))
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{where}: stored config is not valid JSON ({e})") from e
+        return fileio.config_from_json(text, where)
+    except fileio.UnreadableFileError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def merge_config(model_cfg: ml_collections.ConfigDict, cfg) -> ml_collections.ConfigDict:
@@ -220,7 +153,6 @@ def merge_config(model_cfg: ml_collections.ConfigDict, cfg) -> ml_collections.Co
 
 
 def model_module(section: str):
-    from sd_func.models import autoencoder, text_encoder, unet
     return {"unet": unet, "vae": autoencoder, "text_encoder": text_encoder}[section]
 
 

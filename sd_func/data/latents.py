@@ -1,6 +1,12 @@
 """Precached VAE moments and text embeddings: the fast path NeMo and MLPerf train on.
 
-A latents folder (written by `python -m sd_func.data.precache`) holds:
+Both sides of the format live here: `precache(params, cfg, out)` encodes config.data
+once with the frozen VAE and text encoder and writes the folder (the command line is
+`python -m sd_func.data.precache`); `LatentsSource` reads it for training. Crop and
+flip are frozen at precache time, as in NeMo's and MLPerf's precached training;
+corrupt samples are skipped, counted in index.json and logged.
+
+A latents folder holds:
   index.json                   {"format": "sd_func.latents/1", "num_examples", "shards":
                                 [{"file", "count"}], "resolution", "moments_shape",
                                 "context_shape", "dtype", "clip_skip", "vae", "text_encoder",
@@ -17,11 +23,18 @@ Batches are map-style (loader.py): a pure function of (seed, step).
 import bisect
 import json
 import os
+import shutil
+import tempfile
 import threading
 
+import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
-from sd_func.data import loader
+from sd_func import checkpoint, random, tree
+from sd_func.data import folder, loader, shapes, webdataset
+from sd_func.errors import MissingFileError, UserError
+from sd_func.models import autoencoder, text_encoder, tokenizer
 
 FORMAT = "sd_func.latents/1"
 INDEX = "index.json"
@@ -35,12 +48,12 @@ def shard_name(i: int) -> str:
 def read_index(path: str) -> dict:
     file = os.path.join(path, INDEX)
     if not os.path.isfile(file):
-        raise FileNotFoundError(f"data[latents]: {file} not found; write it with "
+        raise MissingFileError(f"data[latents]: {file} not found; write it with "
                                 f"`python -m sd_func.data.precache --config=... --out={path}`")
     with open(file) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
-        raise ValueError(f"data[latents]: {file} has format {meta.get('format')!r}, expected {FORMAT!r}")
+        raise UserError(f"data[latents]: {file} has format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
 
 
@@ -53,7 +66,7 @@ class LatentsDataset:
             f = safe_open(os.path.join(path, s["file"]), framework="pt")
             n = f.get_slice("moments").get_shape()[0]
             if n != s["count"]:
-                raise ValueError(f"data[latents]: {s['file']} holds {n} examples, index.json says {s['count']}")
+                raise UserError(f"data[latents]: {s['file']} holds {n} examples, index.json says {s['count']}")
             self._files.append(f)
             self._captions.append(json.loads((f.metadata() or {}).get("captions", "[]")))
             self._starts.append(start)
@@ -85,3 +98,149 @@ class LatentsSource(loader.MapSource):
 
 def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1) -> LatentsSource:
     return LatentsSource(cfg_data.path, seed, rank, world, num_workers=cfg_data.get("num_workers", 0))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def examples_once(cfg_data, seed: int, num_examples: int | None = None):
+    """Yield (example, skipped before it) over the dataset once, in its natural order."""
+    kind = cfg_data.kind
+    if kind == "shapes":
+        if not num_examples:
+            raise UserError("precache: the shapes data is infinite; pass --num_examples")
+        ds = shapes.ShapesDataset(seed, cfg_data.resolution)
+        for i in range(num_examples):
+            yield ds.load(i), 0
+    elif kind == "folder":
+        ds = folder.FolderDataset(cfg_data.path, cfg_data.resolution, cfg_data.get("center_crop", True),
+                                  cfg_data.get("random_flip", False))
+        yield from _readable((ds.load(i, loader.example_key(seed, i)) for i in range(ds.num_examples)),
+                             num_examples)
+    elif kind == "webdataset":
+        def stream():
+            for shard in webdataset.expand_braces(cfg_data.path):
+                def decode(offset, files, tf, where, _shard=shard):
+                    k = webdataset.sample_key(seed, _shard, 0, offset)
+                    return webdataset.decode_sample(files, tf, where, cfg_data.resolution, k, cfg_data)
+                for _, ex in webdataset.read_shard(shard, 0, decode):
+                    yield ex
+        yield from _readable(stream(), num_examples)
+    else:
+        raise UserError(f"precache: config.data.kind must be shapes, folder or webdataset, got {kind!r}")
+
+
+def _readable(items, limit):
+    skipped, n = 0, 0
+    for ex in items:
+        if ex is None:
+            skipped += 1
+            continue
+        yield ex, skipped
+        skipped, n = 0, n + 1
+        if limit and n >= limit:
+            return
+
+
+@torch.no_grad()
+def encode_batch(params: dict, cfg, images: torch.Tensor, captions: list[str], device=None):
+    """(moments [b, 2C, h, w], context [b, L, D]) of a batch, as the trainer would compute them."""
+    p_vae, p_te = params["vae"], params["text_encoder"]
+    mean, logvar = autoencoder.encode(p_vae, images.to(device), cfg.vae)
+    tok = tokenizer.load(cfg.text_encoder.tokenizer)
+    ids = tokenizer.encode(tok, captions, tokenizer.max_length(tok, cfg.text_encoder))
+    context = text_encoder.apply(p_te, ids.to(device), cfg.text_encoder, clip_skip=clip_skip(cfg))
+    return torch.cat([mean, logvar], dim=1), context
+
+
+def clip_skip(cfg) -> int:
+    """Training conditions on the last layer unless config.train.clip_skip says otherwise."""
+    return int(cfg.get("train", {}).get("clip_skip", 0) or 0)
+
+
+def precache(params: dict, cfg, out: str, seed: int = 0, num_examples: int | None = None,
+             batch_size: int = 32, shard_size: int = 4096, dtype=torch.float32, device=None) -> dict:
+    """Encode config.data into a latents folder at `out`; returns its index.
+
+    Written into a temporary folder and renamed, so `out` is complete or absent.
+    """
+    if os.path.exists(out):
+        raise UserError(f"{out}: exists; remove it or choose another output folder (--out)")
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".precache-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the result is an ordinary folder
+    shards, pending, skipped = [], [], 0
+    buf = {"moments": [], "context": [], "captions": []}
+
+    def flush_batch():
+        if pending:
+            imgs = torch.stack([e["images"] for e in pending])
+            caps = [e["captions"] for e in pending]
+            moments, context = encode_batch(params, cfg, imgs, caps, device)
+            buf["moments"].append(moments.to("cpu", dtype))
+            buf["context"].append(context.to("cpu", dtype))
+            buf["captions"] += caps
+            pending.clear()
+
+    def flush_shard():
+        if buf["captions"]:
+            name = shard_name(len(shards))
+            tensors = {k: torch.cat(buf[k]).contiguous() for k in ("moments", "context")}
+            save_file(tensors, os.path.join(tmp, name), metadata={"captions": json.dumps(buf["captions"])})
+            shards.append({"file": name, "count": len(buf["captions"])})
+            for v in buf.values():
+                v.clear()
+
+    try:
+        for ex, skip in examples_once(cfg.data, seed, num_examples):
+            skipped += skip
+            pending.append(ex)
+            if len(pending) == batch_size or len(buf["captions"]) + len(pending) >= shard_size:
+                flush_batch()
+            if len(buf["captions"]) >= shard_size:
+                flush_shard()
+        flush_batch()
+        flush_shard()
+        if not shards:
+            raise UserError(f"precache: config.data ({cfg.data.kind}, {cfg.data.get('path', '')!r}) gave no "
+                             f"readable example ({skipped} skipped)")
+        with torch.no_grad():
+            tok = tokenizer.load(cfg.text_encoder.tokenizer)
+            ids = tokenizer.encode(tok, [""], tokenizer.max_length(tok, cfg.text_encoder))
+            empty = text_encoder.apply(params["text_encoder"], ids.to(device), cfg.text_encoder,
+                                       clip_skip=clip_skip(cfg))
+        save_file({"context": empty.to("cpu", dtype).contiguous()}, os.path.join(tmp, EMPTY))
+        with safe_open(os.path.join(tmp, shards[0]["file"]), framework="pt") as f:
+            moments_shape = f.get_slice("moments").get_shape()[1:]
+        index = {
+            "format": FORMAT, "num_examples": sum(s["count"] for s in shards), "shards": shards,
+            "resolution": cfg.data.resolution, "moments_shape": list(moments_shape),
+            "context_shape": list(empty.shape[1:]),
+            "dtype": str(dtype).replace("torch.", ""), "clip_skip": clip_skip(cfg),
+            "scaling_factor": cfg.vae.get("scaling_factor", None), "skipped": skipped, "seed": seed,
+            "vae": cfg.vae.to_dict(), "text_encoder": cfg.text_encoder.to_dict(), "source": cfg.data.to_dict(),
+        }
+        with open(os.path.join(tmp, INDEX), "w") as f:
+            json.dump(index, f, indent=1, default=list)
+        os.replace(tmp, out)
+        return index
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_encoders(cfg, ckpt: str = "", device=None) -> tuple[dict, object]:
+    """({"vae", "text_encoder"} on device, cfg): from a checkpoint (its architecture wins; a
+    tokenizer named in cfg fills in for a CompVis file's missing one), or random from cfg.seed."""
+    if ckpt:
+        tok = cfg.text_encoder.get("tokenizer", "")
+        params, cfg = checkpoint.load(ckpt, cfg=cfg)
+        if not cfg.text_encoder.get("tokenizer") and tok:
+            cfg.text_encoder.tokenizer = tok
+    else:
+        k_vae, k_te = random.split(random.key(cfg.seed), 2)
+        params = {"vae": autoencoder.init(k_vae, cfg.vae), "text_encoder": text_encoder.init(k_te, cfg.text_encoder)}
+    return tree.to({k: params[k] for k in ("vae", "text_encoder")}, device=device), cfg

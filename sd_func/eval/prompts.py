@@ -11,6 +11,7 @@ guidance, writes the grid to <outdir>/<cfg.eval.grid>, and, for cfg.eval.kind =
 import json
 import os
 
+from sd_func import pipelines
 from sd_func.eval import shapes as shapes_eval
 from sd_func.pipelines import images as image_io
 
@@ -19,8 +20,6 @@ SCORERS = {"shapes": shapes_eval.score}
 
 def evaluate(params: dict, cfg, outdir: str, log=print) -> dict:
     """Sample cfg.sample.prompts, save the grid, score them; returns the scores (JSON-able)."""
-    from sd_func import pipelines  # late: pipelines imports the models
-
     kind = cfg.eval.kind
     if kind not in SCORERS:
         raise ValueError(f"cfg.eval.kind = {kind!r}; expected one of {sorted(SCORERS)}")

@@ -6,7 +6,8 @@ gloo on CPU. A single process (no WORLD_SIZE, or WORLD_SIZE=1) needs no group an
 `init()` is a no-op. The gradient all-reduce of the train step itself does not
 live here: it is traced into the compiled step with functional collectives (see
 sd_func/train/step.py). These helpers are for the host side: metrics, barriers,
-rank-0-only work.
+rank-0-only work. This is the only module that reads the launcher's environment
+variables: everyone else asks `launch_rank()`, `launch_world_size()` or `rank()`.
 """
 
 import datetime
@@ -15,6 +16,16 @@ import os
 import torch
 import torch.distributed as dist
 import torch.utils._pytree as pytree
+
+
+def launch_rank() -> int:
+    """This process's rank as the launcher (torchrun) set it, before any process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launch_world_size() -> int:
+    """The number of processes the launcher started (1 without one), before init()."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _active() -> bool:
@@ -32,7 +43,7 @@ def init(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         device = torch.device("cuda", local) if cuda else torch.device("cpu")
         return dist.get_rank(), dist.get_world_size(), device
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launch_world_size()
     if world <= 1:
         return 0, 1, torch.device("cuda", 0) if cuda else torch.device("cpu")
     missing = [k for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

@@ -19,13 +19,16 @@ import os
 import time
 
 import ml_collections
+import numpy as np
+import PIL.Image
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sd_func import data, random, tree
+from sd_func import checkpoint, data, pipelines, random, tree
 from sd_func.models import autoencoder, text_encoder, tokenizer, unet
-from sd_func.train import checkpointing, distributed
+from sd_func.checkpoint import training as checkpoints
+from sd_func.train import distributed
 from sd_func.train import logging as train_logging
 from sd_func.train import state as train_state
 from sd_func.train import step as train_step_lib
@@ -48,7 +51,6 @@ def init_params(cfg) -> tuple[dict, ml_collections.ConfigDict]:
     """
     init_from = cfg.get("init_from", "") or ""
     if init_from:
-        from sd_func import checkpoint
         params, cfg = checkpoint.load(init_from, cfg=cfg, ema=None)
         return tree.cast(params, torch.float32), cfg
     k_unet, k_vae, k_te = random.split(root_keys(cfg.seed)[0], 3)
@@ -81,43 +83,34 @@ def _save(workdir, step, state, frozen_models, source, cfg, world, main):
         trees = {k: v for k, v in state.items() if isinstance(v, dict)}
         trees["state"] = {k: v for k, v in state.items() if not isinstance(v, dict)}
         trees["frozen"] = frozen_models
-        meta = {"data": {"ranks": positions}, "world": world, "config": checkpointing.config_json(cfg)}
-        checkpointing.save(workdir, step, trees, meta, keep=int(cfg.train.keep_checkpoints))
+        meta = {"data": {"ranks": positions}, "world": world, "config": checkpoints.config_json(cfg)}
+        checkpoints.save(workdir, step, trees, meta, keep=int(cfg.train.keep_checkpoints))
     distributed.barrier()
 
 
 def _restore_state(ckpt: str, state: dict) -> dict:
-    stored = set(checkpointing.read_meta(ckpt)["files"])
+    stored = set(checkpoints.read_meta(ckpt)["files"])
     out = {}
     scalars = {k: v for k, v in state.items() if not isinstance(v, dict)}
-    restored = checkpointing.restore_like(ckpt, "state", scalars) if scalars else {}
+    restored = checkpoints.restore_like(ckpt, "state", scalars) if scalars else {}
     for k, v in state.items():
         if not isinstance(v, dict):
             out[k] = restored[k]
         elif k == "loss_scale" and k not in stored:  # precision changed to fp16: a fresh scale
             out[k] = v
         else:
-            out[k] = checkpointing.restore_like(ckpt, k, v)
+            out[k] = checkpoints.restore_like(ckpt, k, v)
     return out
 
 
-def _sampler(cfg):
-    """pipelines.txt2img if the pipelines package provides it, else None."""
-    try:
-        from sd_func import pipelines
-    except ImportError:
-        return None
-    return getattr(pipelines, "txt2img", None)
-
-
-def sample_grid(txt2img, state: dict, frozen_models: dict, cfg, workdir: str, step: int) -> str:
+def sample_grid(state: dict, frozen_models: dict, cfg, workdir: str, step: int) -> str:
     """A grid of cfg.sample.prompts with the EMA weights, to <workdir>/samples/<step>.png."""
-    from sd_func.pipelines import images as image_lib
+    image_lib = pipelines.images
     trained = state["ema"] if cfg.sample.get("ema", True) else state["params"]
     params = dict(frozen_models, **trained)
     prompts = list(cfg.sample.prompts)
     with torch.no_grad():
-        out = txt2img(params, cfg, prompts, seeds=list(range(len(prompts))), steps=int(cfg.sample.steps),
+        out = pipelines.txt2img(params, cfg, prompts, seeds=list(range(len(prompts))), steps=int(cfg.sample.steps),
                       sampler=cfg.sample.sampler, guidance_scale=float(cfg.sample.guidance_scale))
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"{step}.png")
@@ -177,7 +170,7 @@ def _check_finite(row: dict, step: int, cfg, workdir: str) -> None:
     if cfg.train.precision == "fp16" and bad == ["loss"]:
         return  # fp16: a non-finite step is skipped and counted by the loss scaler
     if bad:
-        last = checkpointing.latest(workdir)
+        last = checkpoints.latest(workdir)
         raise FloatingPointError(
             f"training diverged at step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} "
             f"(lr={row.get('lr')}, grad_norm={row.get('grad_norm')}); last checkpoint: {last}. "
@@ -190,7 +183,7 @@ def train(cfg, workdir: str, *, compile_backend: str = "inductor") -> dict:
     compile_backend: torch.compile's backend when cfg.train.compile (tests use "aot_eager":
     the same single Dynamo/AOTAutograd graph without inductor's minutes of C++ codegen).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # checked before a rendezvous could hang
+    world = distributed.launch_world_size()  # checked before a rendezvous could hang
     if int(cfg.train.batch_size) % world:
         raise ValueError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the "
                          f"world size {world}")
@@ -210,21 +203,21 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     workdir = os.path.abspath(workdir)
     if main:
         os.makedirs(workdir, exist_ok=True)
-        checkpointing.clean_partial(workdir)
+        checkpoints.clean_partial(workdir)
     distributed.barrier()
 
     source = data.make_source(cfg.data, cfg.seed, rank, world)  # first: a bad data path fails fast
-    ckpt = checkpointing.latest(workdir)
+    ckpt = checkpoints.latest(workdir)
     if ckpt is not None:
-        meta = checkpointing.read_meta(ckpt)
-        stored_cfg = checkpointing.config_from_json(meta["config"])
+        meta = checkpoints.read_meta(ckpt)
+        stored_cfg = checkpoints.config_from_json(meta["config"])
         if cfg.get("init_from", ""):
             cfg = _with_models(cfg, stored_cfg)  # the pretrained architecture, as first resolved
         else:
-            checkpointing.check_architecture(meta["config"], cfg, ckpt)
+            checkpoints.check_architecture(meta["config"], cfg, ckpt)
         start = int(meta["step"])
-        trained = checkpointing.load_tree(ckpt, "params")
-        frozen_models = checkpointing.load_tree(ckpt, "frozen")
+        trained = checkpoints.load_tree(ckpt, "params")
+        frozen_models = checkpoints.load_tree(ckpt, "frozen")
         params = dict(frozen_models, **trained)
     else:
         meta, start = None, 0
@@ -248,7 +241,6 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     shape = _latent_shape(cfg, source)
     step_key = root_keys(cfg.seed)[1]
     step_fn = train_step_lib.make_train_step(cfg, world, backend=compile_backend)
-    txt2img = _sampler(cfg) if int(tcfg.sample_every or 0) > 0 and main else None
 
     writer = None
     if main:
@@ -258,8 +250,6 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
         what = f"resuming from {ckpt}" if ckpt else "starting from " + (cfg.get("init_from") or "random init")
         tqdm.write(f"sd_func train: {what}; {tree.num_params(state['params']) / 1e6:.2f}M trained params, "
                    f"global batch {global_batch} over {world} process(es), device {device}")
-        if int(tcfg.sample_every or 0) > 0 and txt2img is None:
-            tqdm.write("sd_func train: sd_func.pipelines.txt2img not available; no sample grids")
 
     bar = tqdm(total=total, initial=start, disable=not main, dynamic_ncols=True, desc="train")
     history, skipped_data, t0, n0 = [], 0, time.perf_counter(), start
@@ -288,8 +278,8 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
             if ckpt_every and done % ckpt_every == 0:
                 _save(workdir, done, state, frozen_models, source, cfg, world, main)
                 saved = done
-            if txt2img is not None and done % sample_every == 0:
-                path = sample_grid(txt2img, state, frozen_models, cfg, workdir, done)
+            if main and sample_every and done % sample_every == 0:
+                path = sample_grid(state, frozen_models, cfg, workdir, done)
                 writer.image(done, "samples", _read_png(path))
         if saved != total and total > start:
             _save(workdir, total, state, frozen_models, source, cfg, world, main)
@@ -304,7 +294,5 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
 
 
 def _read_png(path: str) -> torch.Tensor:
-    import numpy as np
-    import PIL.Image
     with PIL.Image.open(path) as im:
         return torch.from_numpy(np.array(im.convert("RGB")))

@@ -20,7 +20,8 @@ import torch
 
 from sd_func import data, random, tree
 from sd_func.models import autoencoder
-from sd_func.train import autodiff, checkpointing, optim
+from sd_func.checkpoint import training as checkpoints
+from sd_func.train import autodiff, optim
 from sd_func.train import lr as lr_lib
 
 _TAG = 0x7AE0
@@ -82,15 +83,15 @@ def run(cfg, workdir: str, params_vae: dict, log=print) -> tuple[dict, float]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     params_vae = tree.to(params_vae, device=device)
     vdir = os.path.join(workdir, "vae")
-    checkpointing.clean_partial(vdir)
-    last = checkpointing.latest(vdir)
+    checkpoints.clean_partial(vdir)
+    last = checkpoints.latest(vdir)
     state = {"params": params_vae, "opt": optim.init(params_vae), "step": torch.zeros((), dtype=torch.int64)}
     if last is not None:
-        state = {"params": checkpointing.restore_like(last, "params", state["params"]),
-                 "opt": checkpointing.restore_like(last, "opt", state["opt"]),
-                 "step": torch.tensor(checkpointing.read_meta(last)["step"], dtype=torch.int64)}
+        state = {"params": checkpoints.restore_like(last, "params", state["params"]),
+                 "opt": checkpoints.restore_like(last, "opt", state["opt"]),
+                 "step": torch.tensor(checkpoints.read_meta(last)["step"], dtype=torch.int64)}
         state = tree.to(state, device=device)
-        meta = checkpointing.read_meta(last)
+        meta = checkpoints.read_meta(last)
         if meta.get("done"):
             return tree.to(state["params"], device="cpu"), float(meta["scaling_factor"])
         log(f"vae stage: resuming at step {int(state['step'])}")
@@ -114,9 +115,9 @@ def run(cfg, workdir: str, params_vae: dict, log=print) -> tuple[dict, float]:
             if not torch.isfinite(m["loss"]):
                 raise FloatingPointError(f"vae stage: non-finite loss at step {done} (lower vae_train.lr)")
         if done % int(tc.checkpoint_every) == 0 and done < int(tc.steps):
-            checkpointing.save(vdir, done, {"params": state["params"], "opt": state["opt"]}, {}, keep=1)
+            checkpoints.save(vdir, done, {"params": state["params"], "opt": state["opt"]}, {}, keep=1)
     sf = scaling_factor(state["params"], cfg, source)
-    checkpointing.save(vdir, int(tc.steps), {"params": state["params"], "opt": state["opt"]},
+    checkpoints.save(vdir, int(tc.steps), {"params": state["params"], "opt": state["opt"]},
                        {"done": True, "scaling_factor": sf}, keep=1)
     log(f"vae stage: done, latent scaling factor {sf:.4f}")
     return tree.to(state["params"], device="cpu"), sf

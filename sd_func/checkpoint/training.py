@@ -1,4 +1,7 @@
-"""Training checkpoints: `<workdir>/checkpoints/<step>/`, written atomically, last N kept.
+"""Training workdirs: `<workdir>/checkpoints/<step>/`, written atomically, last N kept.
+
+The on-disk format of a training run, read and written here (sd_func.train writes it
+through `save`; `sd_func.checkpoint.load` reads a workdir through `load_model`).
 
 A checkpoint folder holds one safetensors file per tree (`params`, `ema`, `opt`,
 `state` for the scalars such as the step and the loss scale, and `frozen` for the
@@ -17,11 +20,10 @@ import os
 import shutil
 
 import ml_collections
-import safetensors.torch
 import torch
 
-from sd_func import tree
-from sd_func.checkpoint.files import fsync
+from sd_func import fileio, tree
+from sd_func.checkpoint.files import CheckpointError, CheckpointNotFoundError
 
 META = "checkpoint.json"
 TMP_PREFIX = "tmp-"
@@ -58,7 +60,7 @@ def clean_partial(workdir: str) -> list[str]:
     d = checkpoint_dir(workdir)
     if not os.path.isdir(d):
         return []
-    gone = [n for n in os.listdir(d) if n.startswith(TMP_PREFIX)]
+    gone = [n for n in os.listdir(d) if n.startswith((TMP_PREFIX, ".old-"))]
     for n in gone:
         shutil.rmtree(os.path.join(d, n), ignore_errors=True)
     return gone
@@ -90,26 +92,13 @@ def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str
         shutil.rmtree(tmp)
     os.makedirs(tmp)
     for name, t in trees.items():
-        f = os.path.join(tmp, f"{name}.safetensors")
         flat = _flat_tensors(name, t)
         # safetensors sorts its keys; the stored order restores the trees' own key order.
-        safetensors.torch.save_file(flat, f, metadata={"format": FORMAT, "paths": json.dumps(list(flat))})
-        fsync(f)
-    m = dict(meta, step=int(step), format=FORMAT, files=sorted(trees))
-    with open(os.path.join(tmp, META), "w") as fh:
-        json.dump(m, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    fsync(tmp)
+        fileio.write_safetensors(flat, os.path.join(tmp, f"{name}.safetensors"),
+                                 metadata={"format": FORMAT, "paths": json.dumps(list(flat))})
+    fileio.write_json(dict(meta, step=int(step), format=FORMAT, files=sorted(trees)), os.path.join(tmp, META))
     final = os.path.join(d, str(step))
-    if os.path.exists(final):  # re-saving a step (e.g. the final one): swap, then drop the old one
-        old = os.path.join(d, f"{TMP_PREFIX}old-{step}-{os.getpid()}")
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.rename(tmp, final)
-    fsync(d)
+    fileio.replace_folder(tmp, final)
     if keep and keep > 0:
         for s in steps(workdir)[:-keep]:
             shutil.rmtree(os.path.join(d, str(s)), ignore_errors=True)
@@ -117,17 +106,16 @@ def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str
 
 
 def read_meta(ckpt: str) -> dict:
-    with open(os.path.join(ckpt, META)) as fh:
-        return json.load(fh)
+    return fileio.read_json(os.path.join(ckpt, META))
 
 
 def _read(ckpt: str, name: str) -> dict[str, torch.Tensor]:
     f = os.path.join(ckpt, f"{name}.safetensors")
     if not os.path.isfile(f):
-        raise FileNotFoundError(f"{ckpt}: no {name}.safetensors in this checkpoint")
-    with safetensors.safe_open(f, framework="pt") as fh:
-        paths = json.loads((fh.metadata() or {}).get("paths", "null")) or sorted(fh.keys())
-        return {k: fh.get_tensor(k) for k in paths}
+        raise CheckpointNotFoundError(f"{ckpt}: no {name}.safetensors in this checkpoint")
+    keys, meta = fileio.safetensors_header(f)
+    paths = json.loads(meta.get("paths", "null")) or sorted(keys)
+    return fileio.read_safetensors(f, paths)[0]
 
 
 def load_tree(ckpt: str, name: str) -> dict:
@@ -151,27 +139,19 @@ def restore_like(ckpt: str, name: str, like):
     want = tree.flatten(like)
     missing, unexpected, wrong = tree.diff({k: v for k, v in want.items()}, flat)
     if missing or unexpected or wrong:
-        raise ValueError(f"{f} does not match the model: missing={missing[:5]} "
+        raise CheckpointError(f"{f} does not match the model: missing={missing[:5]} "
                          f"unexpected={unexpected[:5]} wrong_shape={wrong[:5]}")
     return tree.unflatten({k: flat[k].to(device=v.device, dtype=v.dtype) for k, v in want.items()})
 
 
 def config_json(cfg: ml_collections.ConfigDict) -> dict:
     """The config as plain JSON (tuples become lists)."""
-    return json.loads(cfg.to_json())
-
-
-def _tuples(x):
-    if isinstance(x, list):
-        return tuple(_tuples(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _tuples(v) for k, v in x.items()}
-    return x
+    return fileio.config_to_json(cfg)
 
 
 def config_from_json(d: dict) -> ml_collections.ConfigDict:
     """Inverse of config_json (lists back to tuples, as the configs write them)."""
-    return ml_collections.ConfigDict(_tuples(d))
+    return fileio.config_from_json(d, "checkpoint.json")
 
 
 def check_architecture(stored: dict, cfg: ml_collections.ConfigDict, where: str) -> None:
@@ -184,7 +164,7 @@ def check_architecture(stored: dict, cfg: ml_collections.ConfigDict, where: str)
             if k not in NOT_ARCHITECTURE and a.get(k) != b.get(k):
                 diffs.append(f"{section}.{k}: checkpoint {a.get(k)!r}, config {b.get(k)!r}")
     if diffs:
-        raise ValueError(f"{where}: the config's model architecture differs from the checkpoint's "
+        raise CheckpointError(f"{where}: the config's model architecture differs from the checkpoint's "
                          f"({'; '.join(diffs[:6])}); use a new --workdir or the stored config")
 
 
@@ -197,7 +177,7 @@ def load_model(path: str, ema: bool = True) -> tuple[dict, ml_collections.Config
     """
     ckpt = path if os.path.isfile(os.path.join(path, META)) else latest(path)
     if ckpt is None:
-        raise FileNotFoundError(f"{path}: no complete checkpoint in {checkpoint_dir(path)}")
+        raise CheckpointNotFoundError(f"{path}: no complete checkpoint in {checkpoint_dir(path)}")
     meta = read_meta(ckpt)
     cfg = config_from_json(meta["config"])
     trained = load_tree(ckpt, "ema" if ema and "ema" in meta["files"] else "params")

@@ -1,5 +1,7 @@
 """A whole training run as stages: [autoencoder] -> UNet (+ text encoder) -> [evaluation].
 
+It sits above sd_func.train and sd_func.eval (it runs both), below only the entry points.
+
 What `run_train.py` calls. For a from-scratch latent diffusion model (configs/shapes.py)
 the config has a `vae_train` section: stage 1 trains the AutoencoderKL
 (train.vae_stage) and writes <workdir>/vae/init.safetensors, a native checkpoint of
@@ -14,17 +16,20 @@ an interruption.
 import os
 import time
 
-from sd_func.train import checkpointing, loop, vae_stage
+import torch
+
+from sd_func import checkpoint, tree
+from sd_func.checkpoint import training as checkpoints
+from sd_func.eval import prompts as eval_prompts
+from sd_func.train import distributed, loop, vae_stage
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    return distributed.launch_rank()
 
 
 def autoencoder_stage(cfg, workdir: str, log=print) -> str:
     """Train the VAE (rank 0; other ranks wait) and return the stage-2 init checkpoint path."""
-    from sd_func import checkpoint
-
     path = os.path.join(workdir, "vae", "init.safetensors")
     if os.path.isfile(path):
         return path
@@ -53,13 +58,7 @@ def run(cfg, workdir: str, compile_backend: str = "inductor", log=print) -> dict
     loop.train(cfg, workdir, compile_backend=compile_backend)
     if "eval" not in cfg or _rank() != 0:
         return {}
-    from sd_func.eval import prompts as eval_prompts
-
-    import torch
-
-    from sd_func import tree
-
-    params, stored = checkpointing.load_model(workdir, ema=True)
+    params, stored = checkpoints.load_model(workdir, ema=True)
     if torch.cuda.is_available():
         params = tree.to(params, device="cuda")
     cfg = cfg.copy_and_resolve_references()
