@@ -9,14 +9,17 @@
 training workdir (its newest checkpoint, EMA weights). The architecture comes from the
 checkpoint; --config gives cfg.sample (sampler, steps, guidance_scale, guidance_rescale,
 eta, height, width, batch_size, dtype, compile, clip_skip). Writes <outdir>/00000.png, ...
-(image k uses seed --seed + k) and grid.png. Bad input ends with a one-line error, exit 1.
+(image k uses seed --seed + k) and grid.png. Bad input ends with one line
+`run_sample.py: error: ...` and exit status 1, before any model loads (sd_func.cli).
 """
 
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from sd_func import cli
+from sd_func.pipelines import job
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "txt2img.py"),
@@ -37,19 +40,12 @@ FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from sd_func.pipelines import job
-    try:
-        prompts = job.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
-        paths = job.run(FLAGS.config, FLAGS.ckpt, prompts, FLAGS.outdir, negative_prompt=FLAGS.negative_prompt,
-                        seed=FLAGS.seed, num_images=FLAGS.num_images, latents=FLAGS.latents,
-                        init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength)
-    except (ValueError, OSError) as e:  # bad input: one line, no traceback
-        print(f"run_sample.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
+    prompts = job.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
+    paths = job.run(FLAGS.config, FLAGS.ckpt, prompts, FLAGS.outdir, negative_prompt=FLAGS.negative_prompt,
+                    seed=FLAGS.seed, num_images=FLAGS.num_images, latents=FLAGS.latents,
+                    init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main, "run_sample.py")

@@ -108,7 +108,7 @@ def unet_macs(cfg, batch: int, height: int, width: int, context_len: int = 77) -
     c_prev, sizes = ch[0], [(height, width)]
     h, w = height, width
     for i in range(n):
-        for j in range(plan["layers"][i]):
+        for _ in range(plan["layers"][i]):
             resnet(c_prev, ch[i], h * w)
             c_prev = ch[i]
             if plan["down_attn"][i]:
@@ -124,7 +124,7 @@ def unet_macs(cfg, batch: int, height: int, width: int, context_len: int = 77) -
     resnet(ch[-1], ch[-1], h * w)
     for i in range(n):
         r = n - 1 - i
-        for j in range(plan["layers"][r] + 1):
+        for _ in range(plan["layers"][r] + 1):
             resnet(c_prev + skips.pop(), ch[r], h * w)
             c_prev = ch[r]
             if plan["up_attn"][i]:
@@ -249,7 +249,7 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     cells = []
     for r in rows:
         line = []
-        for (k, _, fmt), wd in zip(columns, widths):
+        for k, _, fmt in columns:
             v = r.get(k)
             line.append("-" if v is None else format(v, fmt))
         cells.append(line)

@@ -27,9 +27,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the repo root on sys.path)
-from sd_func import tree  # noqa: E402
-from sd_func.models import unet  # noqa: E402
+import common  # puts the repo root on sys.path
+
+from sd_func import tree
+from sd_func.models import unet
 
 TINY = dict(block_out_channels=(32, 64, 128, 128), cross_attention_dim=64)
 COLUMNS = [("dtype", "dtype", "s"), ("size", "latent", "d"), ("row", "row", "s"),
@@ -203,7 +204,8 @@ def run_group(a, d, s, specs, models, params, cfg, inp, device):
         args = (x.to(dtype).contiguous(memory_format=fmt), t, c.to(dtype))
         call = make_call(impl, mode, models[layout], params[layout], cfg, a.compile_mode)
         with torch.no_grad():
-            first = common.time_calls(lambda: call(*args), device, iters=max(a.warmup, 1), warmup=0)
+            first = common.time_calls(lambda call=call, args=args: call(*args), device,
+                                      iters=max(a.warmup, 1), warmup=0)
         print(f"  {d} {s} {impl} {mode} {layout}: first call {first['first_s']:.1f} s", flush=True)
         rows.append(dict(dtype=d, size=s, layout=layout, impl=impl, mode=mode, row=f"{impl} {mode} {layout}",
                          gmacs=macs / 1e9, first_s=first["first_s"], times_s=[], peaks=[]))
@@ -272,7 +274,8 @@ def _summary(results):
             if ours and theirs:
                 o = min(ours, key=lambda r: r["vs_diffusers_interleaved"])
                 t = min(theirs, key=lambda r: r["median_s"])
-                print(f"latent {s} {d}: sd_func best ({o['row']}) {o['ms']:.0f} ms = x{o['vs_diffusers_interleaved']:.2f} "
+                print(f"latent {s} {d}: sd_func best ({o['row']}) {o['ms']:.0f} ms "
+                      f"= x{o['vs_diffusers_interleaved']:.2f} "
                       f"of diffusers' best ({t['row']}, {t['ms']:.0f} ms) side by side, x{o['vs_diffusers_best']:.2f} "
                       f"of diffusers' best of any dtype; {o['of_gemm_dtype']:.0%} of the {d} GEMM rate")
 

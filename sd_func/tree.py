@@ -8,7 +8,8 @@ frozen parameters, weight-decay masks and learning-rate groups.
 """
 
 import re
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree

@@ -42,7 +42,10 @@ def concat(batches):
     out = {}
     for k in batches[0]:
         v = [b[k] for b in batches]
-        out[k] = torch.cat(v) if isinstance(v[0], torch.Tensor) else sum(v) if k == "skipped" else [x for l in v for x in l]
+        if isinstance(v[0], torch.Tensor):
+            out[k] = torch.cat(v)
+        else:
+            out[k] = sum(v) if k == "skipped" else [x for part in v for x in part]
     return out
 
 
@@ -61,7 +64,7 @@ def test_shapes_deterministic_and_world_split():
     assert_same_batch(a, b)
     assert a["images"].shape == (8, 3, 32, 32) and a["images"].dtype == torch.float32
     assert a["index"].tolist() == list(range(40, 48)) and a["skipped"] == 0
-    assert -1 <= a["images"].min() and a["images"].max() <= 1
+    assert a["images"].min() >= -1 and a["images"].max() <= 1
     halves = [data.make_source(cfg, 3, rank=r, world=2).batch(5, 8) for r in range(2)]
     assert_same_batch(concat(halves), a)
     c = data.make_source(cfg, seed=4).batch(5, 8)
@@ -195,7 +198,8 @@ def shards(tmp_path):
             if (s, j) == (1, 2):
                 samples.append((key, {"jpg": b"\xff\xd8\xff\xe0 corrupt jpeg", "txt": b"broken"}))
             elif j % 2:
-                samples.append((key, {"png": image_bytes((n * 9 % 256, 0, 0)), "json": json.dumps({"caption": f"c{n}"}).encode()}))
+                files = {"png": image_bytes((n * 9 % 256, 0, 0)), "json": json.dumps({"caption": f"c{n}"}).encode()}
+                samples.append((key, files))
             else:
                 samples.append((key, {"jpg": image_bytes((0, n * 9 % 256, 0), fmt="JPEG"), "txt": f"c{n}".encode()}))
             n += 1

@@ -1,6 +1,6 @@
 """CPU fast paths of sd_func.nn (convolution as a GEMM over patches, fp32 compute for bf16 on
-CPUs without bf16 arithmetic, GroupNorm's fused backward under torch.func) against the plain torch ops, and bench/common's analytic UNet
-MAC count against torch.utils.flop_counter."""
+CPUs without bf16 arithmetic, GroupNorm's fused backward under torch.func) against the plain
+torch ops, and bench/common's analytic UNet MAC count against torch.utils.flop_counter."""
 
 import os
 import sys

@@ -18,7 +18,8 @@ def test_rules_and_norm():
     m = tree.map_with_rules(lambda x, r: x * 0 if r == "freeze" else x, t, [("vae/.*", "freeze")])
     assert m["vae"]["w"].sum() == 0 and m["unet"]["w"].sum() == 4
     assert torch.isclose(tree.global_norm(t), torch.tensor(10.0).sqrt())
-    missing, unexpected, wrong = tree.diff({"a": torch.ones(2), "b": torch.ones(1)}, {"a": torch.ones(3), "c": torch.ones(1)})
+    missing, unexpected, wrong = tree.diff({"a": torch.ones(2), "b": torch.ones(1)},
+                                           {"a": torch.ones(3), "c": torch.ones(1)})
     assert missing == ["b"] and unexpected == ["c"] and wrong[0].startswith("a:")
 
 

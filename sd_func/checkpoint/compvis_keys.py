@@ -97,9 +97,9 @@ def unet_table(keys) -> dict[str, Entry]:
     table = {}
     for k in keys:
         name = None
-        for d, l in _UNET_FIXED.items():
-            if k.startswith(d + "."):
-                name = l + k[len(d):]
+        for ours, ldm in _UNET_FIXED.items():
+            if k.startswith(ours + "."):
+                name = ldm + k[len(ours):]
         m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", k)
         if m:
             kind, b, what, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
@@ -150,7 +150,8 @@ def vae_table(keys) -> dict[str, Entry]:
             name = f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
         elif m := re.match(r"(en|de)coder\.mid_block\.resnets\.(\d)\.(.+)", k):
             name = f"{m[1]}coder.mid.block_{int(m[2]) + 1}.{m[3]}".replace("conv_shortcut", "nin_shortcut")
-        elif m := re.match(r"(en|de)coder\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", k):
+        elif m := re.match(r"(en|de)coder\.mid_block\.attentions\.0\."
+                           r"(group_norm|to_q|to_k|to_v|to_out\.0)\.(weight|bias)", k):
             name = f"{m[1]}coder.mid.attn_1.{_VAE_ATTN[m[2]]}.{m[3]}"
             conv = m[2] != "group_norm" and m[3] == "weight"
         if name is None:
@@ -194,5 +195,6 @@ def openclip_table(keys) -> dict[str, Entry]:
 
 def openclip_layers(ldm_keys) -> int:
     """The number of transformer.resblocks in an OpenCLIP text tower."""
-    found = {int(m[1]) for k in ldm_keys if (m := re.match(re.escape(OPENCLIP) + r"transformer\.resblocks\.(\d+)\.", k))}
+    block = re.compile(re.escape(OPENCLIP) + r"transformer\.resblocks\.(\d+)\.")
+    found = {int(m[1]) for k in ldm_keys if (m := block.match(k))}
     return max(found) + 1 if found else 0

@@ -137,7 +137,7 @@ def restore_like(ckpt: str, name: str, like):
     if not isinstance(like, dict):
         return flat["value"].to(device=like.device, dtype=like.dtype)
     want = tree.flatten(like)
-    missing, unexpected, wrong = tree.diff({k: v for k, v in want.items()}, flat)
+    missing, unexpected, wrong = tree.diff(want, flat)
     if missing or unexpected or wrong:
         raise CheckpointError(f"{f} does not match the model: missing={missing[:5]} "
                          f"unexpected={unexpected[:5]} wrong_shape={wrong[:5]}")

@@ -14,6 +14,7 @@ position is its state.
 """
 
 from sd_func.data import folder, latents, loader, shapes, webdataset
+from sd_func.errors import UserError
 
 __all__ = ["KINDS", "folder", "latents", "loader", "make_source", "shapes", "webdataset"]
 
@@ -29,5 +30,5 @@ def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1):
     """The batch source of config.data for `rank` of `world` processes."""
     kind = cfg_data.kind
     if kind not in KINDS:
-        raise ValueError(f"config.data.kind = {kind!r}; expected one of {sorted(KINDS)}")
+        raise UserError(f"config.data.kind = {kind!r}; expected one of {sorted(KINDS)}")
     return KINDS[kind](cfg_data, int(seed), int(rank), int(world))

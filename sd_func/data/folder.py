@@ -14,6 +14,7 @@ import logging
 import os
 
 from sd_func.data import loader, transforms
+from sd_func.errors import MissingFileError, UserError
 
 log = logging.getLogger("sd_func.data")
 CAPTION_KEYS = ("text", "caption")
@@ -29,12 +30,12 @@ def _read_metadata(meta_path: str) -> list[tuple[str, str]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{meta_path}:{lineno}: not a JSON object ({e})") from None
+                raise UserError(f"{meta_path}:{lineno}: not a JSON object ({e})") from None
             if not isinstance(row, dict) or "file_name" not in row:
-                raise ValueError(f"{meta_path}:{lineno}: a row needs a 'file_name' field, got {line.strip()[:200]}")
+                raise UserError(f"{meta_path}:{lineno}: a row needs a 'file_name' field, got {line.strip()[:200]}")
             text = next((row[k] for k in CAPTION_KEYS if k in row), None)
             if text is None:
-                raise ValueError(f"{meta_path}:{lineno}: a row needs one of the fields {CAPTION_KEYS}")
+                raise UserError(f"{meta_path}:{lineno}: a row needs one of the fields {CAPTION_KEYS}")
             entries.append((os.path.join(root, row["file_name"]), str(text)))
     return entries
 
@@ -63,11 +64,11 @@ def _scan_images(path: str) -> list[tuple[str, str]]:
 def list_folder(path: str) -> list[tuple[str, str]]:
     """[(image path, caption)] of an image folder, in a fixed order."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"data[folder]: {path!r} is not a folder (set config.data.path)")
+        raise MissingFileError(f"data[folder]: {path!r} is not a folder (set config.data.path)")
     metas = sorted(os.path.join(r, "metadata.jsonl") for r, _, files in os.walk(path) if "metadata.jsonl" in files)
     entries = [e for m in metas for e in _read_metadata(m)] if metas else _scan_images(path)
     if not entries:
-        raise ValueError(f"data[folder]: no images found in {path!r}")
+        raise UserError(f"data[folder]: no images found in {path!r}")
     return entries
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sd_func import random
+from sd_func.errors import UserError
 
 log = logging.getLogger("sd_func.data")
 
@@ -50,9 +51,9 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
 def rank_indices(step: int, global_batch: int, rank: int = 0, world: int = 1) -> range:
     """The global example indices of `step` that belong to `rank`."""
     if global_batch % world:
-        raise ValueError(f"data: global batch {global_batch} is not divisible by world size {world}")
+        raise UserError(f"data: global batch {global_batch} is not divisible by world size {world}")
     if not 0 <= rank < world:
-        raise ValueError(f"data: rank {rank} outside world of size {world}")
+        raise UserError(f"data: rank {rank} outside world of size {world}")
     b = global_batch // world
     start = step * global_batch + rank * b
     return range(start, start + b)
@@ -114,7 +115,7 @@ class MapSource:
                 raise RuntimeError(f"data[{self.kind}]: example {g} of an infinite dataset failed")
             return ex, 0
         if n == 0:
-            raise ValueError(f"data[{self.kind}]: the dataset is empty")
+            raise UserError(f"data[{self.kind}]: the dataset is empty")
         epoch, pos = divmod(g, n)
         order = self._order(epoch)
         for tries in range(n):
@@ -153,7 +154,7 @@ class MapSource:
         if state and "ranks" in state:
             state = state["ranks"][0] if state["ranks"] else {}
         if state and state.get("kind", self.kind) != self.kind:
-            raise ValueError(f"data: cannot restore a {state.get('kind')!r} position into a {self.kind!r} source")
+            raise UserError(f"data: cannot restore a {state.get('kind')!r} position into a {self.kind!r} source")
 
     def close(self) -> None:
         for ex in (self._ahead, self._pool):

@@ -20,7 +20,8 @@ from sd_func.data import latents
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/x.py[:arg])", lock_config=False)
 _CKPT = flags.DEFINE_string("ckpt", "", "checkpoint with the VAE and text encoder; empty = random init")
 _OUT = flags.DEFINE_string("out", None, "output folder (must not exist)")
-_NUM = flags.DEFINE_integer("num_examples", 0, "examples to encode (0 = the whole dataset; needed for shapes)", lower_bound=0)
+_NUM = flags.DEFINE_integer("num_examples", 0, "examples to encode (0 = the whole dataset; needed for shapes)",
+                            lower_bound=0)
 _BATCH = flags.DEFINE_integer("batch_size", 32, "encoder batch size", lower_bound=1)
 _SHARD = flags.DEFINE_integer("shard_size", 4096, "examples per safetensors shard", lower_bound=1)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"], "stored dtype")

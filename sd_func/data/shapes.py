@@ -16,6 +16,7 @@ import numpy as np
 
 from sd_func import random
 from sd_func.data import loader, transforms
+from sd_func.errors import UserError
 
 COLORS = {
     "red": (220, 40, 40),
@@ -39,7 +40,7 @@ def parse(prompt: str) -> tuple[str, str, str]:
     """(color, shape, background) of a shapes prompt; ValueError if it is not one."""
     m = _PROMPT_RE.fullmatch(prompt.lower())
     if not m or m[1] not in COLORS or m[2] not in SHAPES or m[3] not in COLORS:
-        raise ValueError(f"shapes: {prompt!r} is not 'a {{color}} {{shape}} on a {{color}} background' "
+        raise UserError(f"shapes: {prompt!r} is not 'a {{color}} {{shape}} on a {{color}} background' "
                          f"with colors {list(COLORS)} and shapes {list(SHAPES)}")
     return m[1], m[2], m[3]
 
@@ -79,7 +80,7 @@ def coverage(shape: str, half_size: float, center, resolution: int, supersample:
     elif shape == "triangle":   # apex (0, -h), base from (-h, h) to (h, h): half-width grows by 1/2 per px
         w = (y + h) / 2
     else:
-        raise ValueError(f"shapes: unknown shape {shape!r}; expected one of {SHAPES}")
+        raise UserError(f"shapes: unknown shape {shape!r}; expected one of {SHAPES}")
     w = np.where(rows, w, 0)[:, None]
     x = np.arange(resolution, dtype=np.float32)[None, :]
     overlap = np.minimum(x + 1, center[0] + w) - np.maximum(x, center[0] - w)

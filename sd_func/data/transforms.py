@@ -34,7 +34,7 @@ def try_decode(source, name: str):
     """`decode`, or None with a warning naming the file when it cannot be read."""
     try:
         return decode(source)
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         log.warning("data: skipping unreadable image %s (%s: %s)", name, type(e).__name__, e)
         return None
 

@@ -27,6 +27,7 @@ import torch
 
 from sd_func import random
 from sd_func.data import loader, transforms
+from sd_func.errors import MissingFileError, UserError
 
 log = logging.getLogger("sd_func.data")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -45,7 +46,7 @@ def expand_braces(pattern: str) -> list[str]:
         lo, hi = int(rng[1]), int(rng[2])
         width = len(rng[1]) if rng[1].startswith("0") or len(rng[1]) == len(rng[2]) else 0
         if hi < lo:
-            raise ValueError(f"webdataset: empty range {{{body}}} in {pattern!r}")
+            raise UserError(f"webdataset: empty range {{{body}}} in {pattern!r}")
         items = [str(i).zfill(width) for i in range(lo, hi + 1)]
     else:
         items = body.split(",")
@@ -156,7 +157,7 @@ class _Stream:
     def set_position(self, pos: dict):
         expected = self.order(pos["epoch"])[pos["shard_pos"]] if pos["shard_pos"] < len(self.shards) else None
         if expected is not None and os.path.basename(expected) != os.path.basename(pos["shard"]):
-            raise ValueError(f"webdataset: the stored position names shard {pos['shard']!r} but this "
+            raise UserError(f"webdataset: the stored position names shard {pos['shard']!r} but this "
                              f"configuration reads {expected!r} there; the shard list or seed changed")
         self.pos = dict(pos)
 
@@ -208,7 +209,7 @@ class _Prefetch(threading.Thread):
             for item in gen:
                 if not self._put(item):
                     return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+        except BaseException as e:  # handed to the consumer, which raises it
             self._put(e)
         finally:
             gen.close()
@@ -228,10 +229,10 @@ class WebDatasetSource:
         shards = expand_braces(cfg_data.path)
         missing = [s for s in shards if not os.path.exists(s)]
         if missing:
-            raise FileNotFoundError(f"webdataset: {len(missing)} shards of {cfg_data.path!r} do not exist, "
+            raise MissingFileError(f"webdataset: {len(missing)} shards of {cfg_data.path!r} do not exist, "
                                     f"e.g. {missing[0]!r}")
         if len(shards) < world:
-            raise ValueError(f"webdataset: {len(shards)} shards cannot be split over {world} ranks")
+            raise UserError(f"webdataset: {len(shards)} shards cannot be split over {world} ranks")
         mine = shards[rank::world]
         self.num_streams = max(1, min(int(cfg_data.get("num_workers", 0)), len(mine)))
         self.threaded = int(cfg_data.get("num_workers", 0)) > 0
@@ -281,13 +282,13 @@ class WebDatasetSource:
         """Continue from a state() of this rank, or from {"ranks": [state of rank 0, ...]}."""
         if "ranks" in state:
             if len(state["ranks"]) != self.world:
-                raise ValueError(f"webdataset: the stored position has {len(state['ranks'])} ranks but the run "
+                raise UserError(f"webdataset: the stored position has {len(state['ranks'])} ranks but the run "
                                  f"has {self.world}; a stream cannot be resumed with another world size")
             state = state["ranks"][self.rank]
         if state.get("kind") != self.kind:
-            raise ValueError(f"webdataset: cannot restore a {state.get('kind')!r} position")
+            raise UserError(f"webdataset: cannot restore a {state.get('kind')!r} position")
         if (state["rank"], state["world"], len(state["streams"])) != (self.rank, self.world, self.num_streams):
-            raise ValueError(f"webdataset: stored position is for rank {state['rank']} of {state['world']} with "
+            raise UserError(f"webdataset: stored position is for rank {state['rank']} of {state['world']} with "
                              f"{len(state['streams'])} streams; this source is rank {self.rank} of {self.world} "
                              f"with {self.num_streams} (keep config.data.num_workers and the world size)")
         self.close()

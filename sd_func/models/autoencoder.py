@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sd_func import nn, random
+from sd_func.errors import UserError
 
 _EPS = 1e-6  # every GroupNorm of the SD autoencoder uses eps=1e-6
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the clamp of diffusers' DiagonalGaussianDistribution
@@ -45,7 +46,7 @@ def config(**overrides) -> ml_collections.ConfigDict:
     """The SD 1.x / 2.x AutoencoderKL; field names are diffusers' config.json names."""
     unknown = sorted(set(overrides) - set(_DEFAULTS))
     if unknown:
-        raise ValueError(f"autoencoder.config: unknown field(s) {unknown}; known: {sorted(_DEFAULTS)}")
+        raise UserError(f"autoencoder.config: unknown field(s) {unknown}; known: {sorted(_DEFAULTS)}")
     c = ml_collections.ConfigDict(dict(_DEFAULTS))
     c.update(overrides)
     _check(c)
@@ -55,16 +56,16 @@ def config(**overrides) -> ml_collections.ConfigDict:
 def _check(c) -> None:
     n = len(c.block_out_channels)
     if tuple(c.down_block_types) != ("DownEncoderBlock2D",) * n:
-        raise ValueError(f"vae.down_block_types: only {n} x 'DownEncoderBlock2D' is supported, "
+        raise UserError(f"vae.down_block_types: only {n} x 'DownEncoderBlock2D' is supported, "
                          f"got {tuple(c.down_block_types)}")
     if tuple(c.up_block_types) != ("UpDecoderBlock2D",) * n:
-        raise ValueError(f"vae.up_block_types: only {n} x 'UpDecoderBlock2D' is supported, "
+        raise UserError(f"vae.up_block_types: only {n} x 'UpDecoderBlock2D' is supported, "
                          f"got {tuple(c.up_block_types)}")
     if c.act_fn not in nn.ACTIVATIONS:
-        raise ValueError(f"vae.act_fn: {c.act_fn!r} is not supported; one of {sorted(nn.ACTIVATIONS)}")
+        raise UserError(f"vae.act_fn: {c.act_fn!r} is not supported; one of {sorted(nn.ACTIVATIONS)}")
     bad = [ch for ch in c.block_out_channels if ch % c.norm_num_groups]
     if bad:
-        raise ValueError(f"vae.block_out_channels {tuple(c.block_out_channels)}: {bad} not divisible "
+        raise UserError(f"vae.block_out_channels {tuple(c.block_out_channels)}: {bad} not divisible "
                          f"by norm_num_groups={c.norm_num_groups}")
 
 
@@ -73,16 +74,16 @@ def from_diffusers_config(d: dict) -> ml_collections.ConfigDict:
     d = dict(d)
     name = d.get("_class_name", "AutoencoderKL")
     if name != "AutoencoderKL":
-        raise ValueError(f"vae config: _class_name {name!r} is not supported (AutoencoderKL only)")
+        raise UserError(f"vae config: _class_name {name!r} is not supported (AutoencoderKL only)")
     for k, want in _MUST_BE.items():
         if d.get(k) != want:
-            raise ValueError(f"vae config: {k}={d[k]!r} is not supported (SD 1.x/2.x use {want!r})")
+            raise UserError(f"vae config: {k}={d[k]!r} is not supported (SD 1.x/2.x use {want!r})")
     out = {}
     for k, v in d.items():
         if k in _IGNORED or k in _MUST_BE:
             continue
         if k not in _DEFAULTS:
-            raise ValueError(f"vae config: key {k!r} is not supported by sd_func.models.autoencoder")
+            raise UserError(f"vae config: key {k!r} is not supported by sd_func.models.autoencoder")
         out[k] = tuple(v) if isinstance(v, list) else v
     if isinstance(out.get("sample_size"), tuple):
         out["sample_size"] = out["sample_size"][0]

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from sd_func import nn, random, tree
+from sd_func.errors import UserError
 
 PREFIX = "text_model"
 _ACTS = ("quick_gelu", "gelu")
@@ -38,13 +39,13 @@ def config(**overrides) -> ml_collections.ConfigDict:
     """SD 1.x's CLIP ViT-L/14 text tower; field names are transformers' CLIPTextConfig names."""
     unknown = sorted(set(overrides) - set(_DEFAULTS))
     if unknown:
-        raise ValueError(f"text_encoder.config: unknown field(s) {unknown}; known: {sorted(_DEFAULTS)}")
+        raise UserError(f"text_encoder.config: unknown field(s) {unknown}; known: {sorted(_DEFAULTS)}")
     c = ml_collections.ConfigDict(dict(_DEFAULTS))
     c.update(overrides)
     if c.hidden_act not in _ACTS:
-        raise ValueError(f"text_encoder.hidden_act: {c.hidden_act!r} is not supported; one of {_ACTS}")
+        raise UserError(f"text_encoder.hidden_act: {c.hidden_act!r} is not supported; one of {_ACTS}")
     if c.hidden_size % c.num_attention_heads:
-        raise ValueError(f"text_encoder: hidden_size {c.hidden_size} is not divisible by "
+        raise UserError(f"text_encoder: hidden_size {c.hidden_size} is not divisible by "
                          f"num_attention_heads {c.num_attention_heads}")
     return c
 
@@ -60,10 +61,10 @@ def from_diffusers_config(d: dict, tokenizer: str = "") -> ml_collections.Config
         d = dict(d.get("text_config") or {})
     model_type = d.get("model_type", "clip_text_model")
     if model_type != "clip_text_model":
-        raise ValueError(f"text_encoder config: model_type {model_type!r} is not supported "
+        raise UserError(f"text_encoder config: model_type {model_type!r} is not supported "
                          "(clip_text_model only)")
     if d.get("hidden_act", "quick_gelu") not in _ACTS:
-        raise ValueError(f"text_encoder config: hidden_act {d['hidden_act']!r} is not supported; one of {_ACTS}")
+        raise UserError(f"text_encoder config: hidden_act {d['hidden_act']!r} is not supported; one of {_ACTS}")
     defaults = transformers.CLIPTextConfig  # transformers' own defaults for absent keys
     out = {k: d.get(k, getattr(defaults, k)) for k in _ARCH_KEYS}
     return config(**out, tokenizer=tokenizer)

@@ -19,6 +19,8 @@ import urllib.parse
 import torch
 import transformers
 
+from sd_func.errors import MissingFileError, UserError
+
 BUILTIN_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizers")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EOW = "</w>"  # CLIP marks the last symbol of a word
@@ -136,19 +138,19 @@ def load(spec: str) -> transformers.CLIPTokenizer:
     hint = ("A CompVis checkpoint file carries no tokenizer: pass a local tokenizer folder "
             "(vocab.json + merges.txt) via --config.text_encoder.tokenizer=PATH")
     if not spec:
-        raise ValueError(f"tokenizer: cfg.text_encoder.tokenizer is empty. {hint}")
+        raise UserError(f"tokenizer: cfg.text_encoder.tokenizer is empty. {hint}")
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         d = _folder(os.path.join(BUILTIN_DIR, name))
         if d is None:
-            raise ValueError(f"tokenizer {spec!r}: no builtin tokenizer {name!r}; have "
+            raise UserError(f"tokenizer {spec!r}: no builtin tokenizer {name!r}; have "
                              f"{sorted(os.listdir(BUILTIN_DIR))}")
         return transformers.CLIPTokenizer.from_pretrained(d)
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         d = _folder(path)
         if d is None:
-            raise FileNotFoundError(f"tokenizer {spec!r}: folder has no vocab.json + merges.txt "
+            raise MissingFileError(f"tokenizer {spec!r}: folder has no vocab.json + merges.txt "
                                     f"(nor a tokenizer/ subfolder with them). {hint}")
         return transformers.CLIPTokenizer.from_pretrained(d)
     parts = spec.strip("/").split("/")
@@ -165,11 +167,11 @@ def load(spec: str) -> transformers.CLIPTokenizer:
         except Exception as e:  # unknown repo, no tokenizer files: one clear message
             if local_only:
                 continue
-            raise FileNotFoundError(f"{missing} ({type(e).__name__}: {e})") from e
+            raise MissingFileError(f"{missing} ({type(e).__name__}: {e})") from e
         # transformers >= 5 returns an empty tokenizer (2 special tokens) when no vocab file is found.
         if len(tok.get_vocab()) >= 512:
             return tok
-    raise FileNotFoundError(missing)
+    raise MissingFileError(missing)
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:

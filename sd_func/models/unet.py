@@ -13,9 +13,9 @@ from typing import Any
 
 import ml_collections
 import torch
-import torch.nn.functional as F
 
 from sd_func import nn, random
+from sd_func.errors import UserError
 from sd_func.models import unet_blocks as blocks
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -63,7 +63,7 @@ def config(**overrides) -> ml_collections.ConfigDict:
     """UNet config (UNet2DConditionModel's field names); defaults are SD 1.5."""
     unknown = sorted(set(overrides) - set(_DEFAULTS))
     if unknown:
-        raise ValueError(f"unet.config: unknown field(s) {unknown}; known: {sorted(_DEFAULTS)}")
+        raise UserError(f"unet.config: unknown field(s) {unknown}; known: {sorted(_DEFAULTS)}")
     d = {**_DEFAULTS, **{k: _tuplify(v) for k, v in overrides.items()}}
     for k in _FLOATS:
         d[k] = float(d[k])
@@ -89,12 +89,12 @@ def from_diffusers_config(d: dict) -> ml_collections.ConfigDict:
         v = _tuplify(v)
         if k in _FIXED:
             if not _is_fixed_value(k, v):
-                raise ValueError(f"unet.from_diffusers_config: {k}={v!r} is not supported "
+                raise UserError(f"unet.from_diffusers_config: {k}={v!r} is not supported "
                                  f"(only {_FIXED[k]!r}, as in Stable Diffusion 1.x/2.x)")
         elif k in _DEFAULTS and k != "head_dim":
             fields[k] = v
         else:
-            raise ValueError(f"unet.from_diffusers_config: unknown UNet2DConditionModel key {k!r}")
+            raise UserError(f"unet.from_diffusers_config: unknown UNet2DConditionModel key {k!r}")
     return config(**fields)
 
 
@@ -112,7 +112,7 @@ def _per_block(cfg, name: str, n: int) -> tuple:
     if isinstance(v, int):
         return (v,) * n
     if len(v) != n or not all(isinstance(x, int) for x in v):
-        raise ValueError(f"unet config: {name}={v!r} must be an int or {n} ints (one per block)")
+        raise UserError(f"unet config: {name}={v!r} must be an int or {n} ints (one per block)")
     return tuple(v)
 
 
@@ -122,29 +122,29 @@ def _plan(cfg) -> dict:
     for name, allowed in (("down_block_types", DOWN_TYPES), ("up_block_types", UP_TYPES)):
         types = tuple(cfg[name])
         if len(types) != n:
-            raise ValueError(f"unet config: {name} has {len(types)} entries, block_out_channels {n}")
+            raise UserError(f"unet config: {name} has {len(types)} entries, block_out_channels {n}")
         bad = [t for t in types if t not in allowed]
         if bad:
-            raise ValueError(f"unet config: {name} {bad} not supported (only {allowed})")
+            raise UserError(f"unet config: {name} {bad} not supported (only {allowed})")
     if cfg.mid_block_type not in MID_TYPES:
-        raise ValueError(f"unet config: mid_block_type={cfg.mid_block_type!r} not supported (only {MID_TYPES})")
+        raise UserError(f"unet config: mid_block_type={cfg.mid_block_type!r} not supported (only {MID_TYPES})")
     if cfg.act_fn not in ACT_FNS:
-        raise ValueError(f"unet config: act_fn={cfg.act_fn!r} not supported (only {ACT_FNS})")
+        raise UserError(f"unet config: act_fn={cfg.act_fn!r} not supported (only {ACT_FNS})")
     channels = tuple(cfg.block_out_channels)
     if cfg.head_dim is not None:
         bad = [c for c in channels if c % cfg.head_dim]
         if bad:
-            raise ValueError(f"unet config: head_dim={cfg.head_dim} does not divide channels {bad}")
+            raise UserError(f"unet config: head_dim={cfg.head_dim} does not divide channels {bad}")
         heads = tuple(c // cfg.head_dim for c in channels)
     else:
         name = "num_attention_heads" if cfg.num_attention_heads is not None else "attention_head_dim"
         heads = _per_block(cfg, name, n)
     bad = [(c, h) for c, h in zip(channels, heads) if h <= 0 or c % h]
     if bad:
-        raise ValueError(f"unet config: head counts must divide block_out_channels, got (channels, heads) {bad}")
+        raise UserError(f"unet config: head counts must divide block_out_channels, got (channels, heads) {bad}")
     bad = [c for c in channels if c % cfg.norm_num_groups]
     if bad:
-        raise ValueError(f"unet config: norm_num_groups={cfg.norm_num_groups} does not divide channels {bad}")
+        raise UserError(f"unet config: norm_num_groups={cfg.norm_num_groups} does not divide channels {bad}")
     return dict(channels=channels, heads=heads,
                 layers=_per_block(cfg, "layers_per_block", n),
                 tlayers=_per_block(cfg, "transformer_layers_per_block", n),
