@@ -14,7 +14,8 @@ name -> the diffusers scheduler of bench/sampler_overhead.py) and decode to floa
 their mean difference (u8 levels) is reported as a check. Presets: tiny (32 px, tests'
 model), small (SD 1.5's layout at a fifth of its width, 256 px, shapes tokenizer) and
 sd15 (the full SD 1.5 shapes, 512 px, shapes tokenizer: for GPUs). Compiled modes:
-sd_func's compile=True (one fullgraph UNet graph), diffusers' pipe.unet = torch.compile(unet).
+sd_func's pipelines.make_unet_fn(cfg.unet, True) (one fullgraph UNet graph, built once per
+mode and passed as unet_fn=), diffusers' pipe.unet = torch.compile(unet).
 --layout cl puts diffusers' UNet and VAE in channels_last (its best CPU eager layout).
 Time per call (prompt encoding, the sampler loop, VAE decode), median over --iters after
 --warmup calls; it/s = steps / time. Prints a table; writes JSON after every mode.
@@ -28,11 +29,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the repo root on sys.path)
-from configs import tiny, txt2img  # noqa: E402
-from sampler_overhead import DIFFUSERS as SCHEDULERS  # noqa: E402
-from sd_func import pipelines, tree  # noqa: E402
-from sd_func.models import autoencoder, text_encoder, unet  # noqa: E402
+import common  # puts the repo root on sys.path
+from sampler_overhead import DIFFUSERS as SCHEDULERS
+
+from configs import tiny, txt2img
+from sd_func import pipelines, tree
+from sd_func.models import autoencoder, text_encoder, unet
 
 MODES = ("sd_func_eager", "sd_func_compiled", "diffusers_eager", "diffusers_compiled")
 PROMPTS = ["a red circle on a blue background", "a green triangle", "a yellow square at the top left"]
@@ -83,6 +85,7 @@ def build(cfg, device):
 
 def diffusers_pipe(mods, cfg, sampler, compiled, layout):
     import diffusers
+
     from sd_func.models import tokenizer
     cls, extra = SCHEDULERS[sampler]
     sched = getattr(diffusers, cls).from_config({**cfg.diffusion.to_dict(), **extra})
@@ -142,10 +145,13 @@ def main(argv=None):
         gc.collect()
         compiled = mode.endswith("compiled")
         if mode.startswith("sd_func"):
-            def call():
-                return pipelines.txt2img(params, cfg, prompts, seeds=list(range(a.images)), steps=a.steps,
-                                         sampler=a.sampler, guidance_scale=a.guidance, latents=latents,
-                                         dtype=dtype, compile=compiled, batch_size=a.images, output_type="float")
+            o = pipelines.resolve_options(cfg, steps=a.steps, sampler=a.sampler, guidance_scale=a.guidance,
+                                          dtype=dtype, batch_size=a.images, output_type="float",
+                                          unet_fn=pipelines.make_unet_fn(cfg.unet, compiled))
+
+            def call(o=o):
+                return pipelines.txt2img(params, cfg, prompts, seeds=list(range(a.images)), latents=latents,
+                                         options=o)
         else:
             pipe = diffusers_pipe(mods, cfg, a.sampler, compiled, a.layout)
 
@@ -157,7 +163,7 @@ def main(argv=None):
                 return torch.as_tensor(out)
         out = {}
 
-        def fn(call=call):
+        def fn(call=call, out=out):
             out["images"] = call()
 
         first = common.time_calls(fn, device, iters=max(a.warmup, 1), warmup=0)

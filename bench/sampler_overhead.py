@@ -17,8 +17,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from sd_func import random  # noqa: E402
-from sd_func.diffusion import samplers, schedules  # noqa: E402
+from sd_func import random
+from sd_func.diffusion import samplers, schedules
 
 DIFFUSERS = {
     "ddim": ("DDIMScheduler", {}), "plms": ("PNDMScheduler", dict(skip_prk_steps=True)),

@@ -1,10 +1,13 @@
 """Pipelines against diffusers' on the same tiny random weights: img2img
 (StableDiffusionImg2ImgPipeline), 4-channel inpaint (StableDiffusionInpaintPipeline's
-blend path), plus seed batch-invariance, dtypes, compile and the image helpers.
-End-to-end txt2img and 9-channel inpaint parity through run_sample.py is in
-test_run_sample.py, which builds its checkpoints with `tiny_sd_folder` from here.
+blend path), plus seed batch-invariance, dtypes, a compiled UNet call held by the
+caller, the shared Options, bad options and inputs, and the image helpers. End-to-end
+txt2img parity on float outputs for every sampler is in test_txt2img_parity.py; through
+run_sample.py (and 9-channel inpaint) in test_run_sample.py. Both build their
+checkpoints with `tiny_sd_folder` from here.
 """
 
+import dataclasses
 import os
 import shutil
 
@@ -15,6 +18,7 @@ import torch
 import transformers
 
 from sd_func import checkpoint, pipelines, random
+from sd_func.errors import UserError
 from sd_func.models import tokenizer
 from sd_func.pipelines import images
 
@@ -26,30 +30,42 @@ SCHEDULERS = {"ddim": diffusers.DDIMScheduler, "dpmpp_2m": diffusers.DPMSolverMu
 MAX_MEAN_ERR_U8 = 0.1  # DESIGN.md: end to end within 0.1 u8 level on average
 
 
-def tiny_sd_folder(path, in_channels=4, seed=0):
+# SD 2.x's shape (configs/sd2.py) in small: linear projections, heads of a fixed width
+# (16 channels: (2, 4) heads), fp32 attention logits, an OpenCLIP-style gelu text encoder
+# and v-prediction.
+SD2_UNET = dict(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+SD2_HEAD_DIM = 16
+
+
+def tiny_sd_folder(path, in_channels=4, seed=0, sd2=False):
     """Save a tiny random-weight SD pipeline (32x32 images, 16x16 latents) as a diffusers
     folder; returns the diffusers pipeline (StableDiffusionPipeline or, for a 9-channel
-    UNet, StableDiffusionInpaintPipeline)."""
+    UNet, StableDiffusionInpaintPipeline). sd2: SD 2.x's architecture and v-prediction."""
     torch.manual_seed(seed)
-    unet = diffusers.UNet2DConditionModel(
-        in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8, sample_size=16)
+    unet = diffusers.UNet2DConditionModel(**{
+        **dict(in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+               attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8, sample_size=16),
+        **(SD2_UNET if sd2 else {})})
     vae = diffusers.AutoencoderKL(
         block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=8, latent_channels=4, sample_size=32,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     te = transformers.CLIPTextModel(transformers.CLIPTextConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=77, vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1))
+        max_position_embeddings=77, vocab_size=1000, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+        hidden_act="gelu" if sd2 else "quick_gelu"))
     with torch.no_grad():  # norms and biases off 1 / 0, so that every parameter matters
         for m in (unet, vae, te):
             for name, p in m.named_parameters():
                 if name.endswith("bias") or "norm" in name:
                     p.add_(0.1 * torch.randn_like(p))
     cls = diffusers.StableDiffusionPipeline if in_channels == 4 else diffusers.StableDiffusionInpaintPipeline
-    pipe = cls(vae=vae, text_encoder=te, tokenizer=tokenizer.load("builtin:shapes"), unet=unet,
-               scheduler=diffusers.DDIMScheduler(**SCHEDULER), safety_checker=None, feature_extractor=None,
-               requires_safety_checker=False)
+    scheduler = diffusers.DDIMScheduler(**{**SCHEDULER, "prediction_type": "v_prediction" if sd2 else "epsilon"})
+    pipe = cls(vae=vae, text_encoder=te, tokenizer=tokenizer.load("builtin:shapes"), unet=unet, scheduler=scheduler,
+               safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(path)
     # transformers 5 saves tokenizer.json only; real SD folders also carry vocab.json + merges.txt.
@@ -193,15 +209,27 @@ def _compiled_vs_eager(sd4, compile):
     kw = dict(latents=lat, steps=2, sampler="ddim", output_type="latent")
     eager = pipelines.txt2img(params, cfg, "a red circle", **kw)
     torch._dynamo.reset()
+    unet_fn = pipelines.make_unet_fn(cfg.unet, compile)  # the caller builds and holds it
     with torch._dynamo.config.patch(suppress_errors=False):
-        compiled = pipelines.txt2img(params, cfg, "a red circle", compile=compile, **kw)
+        compiled = pipelines.txt2img(params, cfg, "a red circle", unet_fn=unet_fn, **kw)
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+    return unet_fn
 
 
 def test_compile_traces_one_graph(sd4):
-    """cfg.sample.compile="eager": TorchDynamo traces the whole UNet call as one graph
-    (fullgraph=True: a graph break would raise) without the cost of code generation."""
+    """compile="eager": TorchDynamo traces the whole UNet call as one graph (fullgraph=True:
+    a graph break would raise) without the cost of code generation."""
     _compiled_vs_eager(sd4, "eager")
+
+
+def test_pipelines_hold_no_compiled_unet():
+    """No module-level cache: each make_unet_fn call is its own compiled function."""
+    from sd_func.pipelines import unet_call
+    cfg_unet = checkpoint.files.ml_collections.ConfigDict(dict(a=1))
+    assert not any(isinstance(v, dict) for k, v in vars(unet_call).items() if not k.startswith("__"))
+    assert pipelines.make_unet_fn(cfg_unet, "eager") is not pipelines.make_unet_fn(cfg_unet, "eager")
+    with pytest.raises(UserError, match="compile=3"):
+        pipelines.make_unet_fn(cfg_unet, 3)
 
 
 @pytest.mark.slow
@@ -220,22 +248,54 @@ def test_compile_inductor_matches_eager(sd4):
 ])
 def test_bad_options(sd4, override, message):
     _, params, cfg = sd4
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
         pipelines.txt2img(params, cfg, "a red circle", **override)
+
+
+def test_unknown_option_is_an_error_naming_it(sd4, image_and_mask):
+    _, params, cfg = sd4
+    image, _ = image_and_mask
+    with pytest.raises(TypeError, match="unknown pipeline option.*stepz"):
+        pipelines.txt2img(params, cfg, "a red circle", stepz=3)
+    with pytest.raises(TypeError, match="compile.*make_unet_fn"):
+        pipelines.txt2img(params, cfg, "a red circle", compile=True)
+    with pytest.raises(UserError, match="img2img: height come from the init image"):
+        pipelines.img2img(params, cfg, "a red circle", image, height=64)
+
+
+def test_options_object_is_shared(sd4, image_and_mask):
+    """One Options for the three pipelines; keywords override it; it is immutable."""
+    _, params, cfg = sd4
+    image, mask = image_and_mask
+    o = pipelines.resolve_options(cfg, sampler="euler", steps=2, guidance_scale=3.0, output_type="latent")
+    assert isinstance(o, pipelines.Options) and o.height == o.width == 32 and o.batch_size == 4  # native size, default
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.steps = 3
+    a = pipelines.txt2img(params, cfg, "a red circle", seeds=[1], options=o)
+    b = pipelines.txt2img(params, cfg, "a red circle", seeds=[1], sampler="euler", steps=2, guidance_scale=3.0,
+                          output_type="latent")
+    assert torch.equal(a, b) and a.shape == (1, 4, 16, 16)
+    c = pipelines.txt2img(params, cfg, "a red circle", seeds=[1], options=o, steps=3)
+    assert not torch.equal(a, c)
+    assert pipelines.img2img(params, cfg, "x", image, strength=0.5, seeds=[1], options=o).shape == (1, 4, 16, 16)
+    assert pipelines.inpaint(params, cfg, "x", image, mask, seeds=[1], options=o).shape == (1, 4, 16, 16)
+    seen = []
+    pipelines.txt2img(params, cfg, "x", seeds=[1], options=o, callback=seen.append)
+    assert [info["i"] for info in seen] == [0, 1] and sorted(seen[0]) == ["i", "sigma", "t", "x", "x0_hat"]
 
 
 def test_bad_inputs(sd4, image_and_mask):
     _, params, cfg = sd4
     image, mask = image_and_mask
-    with pytest.raises(ValueError, match=r"latents: expected shape \[N,4,h,w\]"):
+    with pytest.raises(UserError, match=r"latents: expected shape \[N,4,h,w\]"):
         pipelines.txt2img(params, cfg, "x", latents=torch.zeros(1, 3, 16, 16), steps=1)
-    with pytest.raises(ValueError, match="latents hold 2 images for 3"):
+    with pytest.raises(UserError, match="latents hold 2 images for 3"):
         pipelines.txt2img(params, cfg, "x", seeds=[1, 2, 3], latents=torch.zeros(2, 4, 16, 16), steps=1)
-    with pytest.raises(ValueError, match="mask is 16x16 but the init image is 32x32"):
+    with pytest.raises(UserError, match="mask is 16x16 but the init image is 32x32"):
         pipelines.inpaint(params, cfg, "x", image, mask[:16, :16], steps=1)
-    with pytest.raises(ValueError, match="2 prompts for 3 images"):
+    with pytest.raises(UserError, match="2 prompts for 3 images"):
         pipelines.txt2img(params, cfg, ["a", "b"], seeds=[1, 2, 3], steps=1)
-    with pytest.raises(ValueError, match="strength=0.1 with steps=5 leaves no step"):
+    with pytest.raises(UserError, match="strength=0.1 with steps=5 leaves no step"):
         pipelines.img2img(params, cfg, "x", image, strength=0.1, steps=5)
 
 

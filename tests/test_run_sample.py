@@ -19,8 +19,10 @@ from test_pipelines import MAX_MEAN_ERR_U8, tiny_sd_folder, with_scheduler
 
 import run_sample
 from sd_func import checkpoint, pipelines, random, tree
-from sd_func.pipelines import images
+from sd_func import cli as sd_cli
 from sd_func.checkpoint import training as checkpointing
+from sd_func.errors import UserError
+from sd_func.pipelines import images, job, unet_call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config=" + os.path.join(ROOT, "configs", "tiny.py"), "--config.sample.batch_size=2"]
@@ -28,7 +30,8 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 
 
 def cli(*args):
-    """run_sample.main with these flags; returns the exit status."""
+    """run_sample.main with these flags under sd_func.cli's error policy (a UserError is one
+    line and exit status 1); returns the exit status."""
     flags, argv, saved = run_sample.FLAGS, ["run_sample.py", *TINY, *args], sys.argv
     flags.unparse_flags()
     for name in [k for k in flags if k.startswith("config.")]:  # the previous call's override flags
@@ -36,7 +39,10 @@ def cli(*args):
     sys.argv = argv  # config_flags finds the --config.* overrides in sys.argv
     try:
         flags(argv)
-        run_sample.main(["run_sample.py"])
+        try:
+            run_sample.main(["run_sample.py"])
+        except UserError as e:
+            sd_cli.fail("run_sample.py", e)
     except SystemExit as e:
         return e.code
     finally:
@@ -140,7 +146,8 @@ def test_training_workdir_uses_ema(sd4, tmp_path):
     wd = str(tmp_path / "run")
     trees = {"params": {"unet": raw}, "ema": {"unet": params["unet"]},
              "frozen": {"vae": params["vae"], "text_encoder": params["text_encoder"]}}
-    checkpointing.save(wd, 1, {"params": {"unet": raw}, "frozen": trees["frozen"]}, {"config": checkpointing.config_json(cfg)})
+    meta = {"config": checkpointing.config_json(cfg)}
+    checkpointing.save(wd, 1, {"params": {"unet": raw}, "frozen": trees["frozen"]}, meta)
     checkpointing.save(wd, 2, trees, {"config": checkpointing.config_json(cfg)})
     common = ("--prompt=a red circle", "--config.sample.steps=2", "--seed=3")
     assert cli(f"--ckpt={wd}", *common, f"--outdir={tmp_path / 'a'}") == 0
@@ -208,3 +215,35 @@ def test_bad_input_subprocess_exit_status(tmp_path):
     assert r.returncode == 1, r.stderr
     assert "Traceback" not in r.stderr and lines[-1].startswith("run_sample.py: error: --ckpt="), r.stderr
     assert "checkpoint not found" in lines[-1]
+
+
+def test_outdir_that_is_a_file_fails_before_any_model_loads(sd4, tmp_path, capsys, monkeypatch):
+    path, _ = sd4
+    (tmp_path / "out").write_text("not a folder")
+
+    def no_load(*a, **kw):
+        raise AssertionError("the checkpoint was loaded")
+    monkeypatch.setattr(job, "load_model", no_load)
+    capsys.readouterr()
+    assert cli(f"--ckpt={path}", "--prompt=a red circle", f"--outdir={tmp_path / 'out'}") == 1
+    err = capsys.readouterr().err.strip()
+    assert err == f"run_sample.py: error: --outdir={tmp_path / 'out'}: exists and is not a folder", err
+
+
+def test_compile_setting_builds_the_unet_call_once(sd4, tmp_path, monkeypatch):
+    """cfg.sample.compile goes to unet_call.make_unet_fn, once per run; the pipeline uses that call."""
+    path, _ = sd4
+    built, calls, eager = [], [], unet_call.make_unet_fn
+
+    def make(cfg_unet, compile=False):
+        built.append(compile)
+        inner = eager(cfg_unet)
+
+        def call(*a):
+            calls.append(1)
+            return inner(*a)
+        return call
+    monkeypatch.setattr(unet_call, "make_unet_fn", make)
+    assert cli(f"--ckpt={path}", "--prompt=a red circle", "--num_images=3", "--config.sample.steps=2",
+               "--config.sample.compile=True", f"--outdir={tmp_path / 'out'}") == 0
+    assert built == [True] and len(calls) == 2 * 2  # 2 chunks (batch_size 2) x 2 steps

@@ -3,7 +3,9 @@
 Each sampler runs against the diffusers scheduler built from the same scheduler config,
 driven by diffusers' standard loop (set_timesteps, init_noise_sigma, scale_model_input,
 step) with the same closed-form dummy model and the same initial latents; stochastic
-ones get the same noise injected into diffusers' step.
+ones get the same noise injected into diffusers' step. Ours run in sigma space, the VP
+schedulers (DDIM, PNDM, DDPM, DPM-Solver) in diffusers' variance-preserving latents, so
+the two agree to float32 rounding, not bit for bit.
 """
 
 import diffusers
@@ -15,6 +17,7 @@ from diffusers.schedulers import scheduling_ddim, scheduling_ddpm, scheduling_eu
 
 from sd_func import random
 from sd_func.diffusion import denoiser, guidance, samplers, schedules
+from sd_func.errors import UserError
 
 DIFFUSERS = {
     "ddim": ("DDIMScheduler", {}),
@@ -44,13 +47,16 @@ def scheduler(name, dcfg, **over):
 
 
 def reference(name, dcfg, steps, latents, noise_fn=None, eta=0.0, monkeypatch=None, start=None, x0=None,
-              model_fn=model):
-    """diffusers' loop (txt2img, or img2img from x0 when start is given)."""
+              model_fn=model, zero_snr_clamp=False):
+    """diffusers' loop (txt2img, or img2img from x0 when start is given). zero_snr_clamp:
+    alphas_cumprod[-1] = 2**-24, as our samplers (and diffusers' Euler/DPM-Solver) do."""
     sch = scheduler(name, dcfg)
+    if zero_snr_clamp:
+        sch.alphas_cumprod[-1] = 2**-24
     sch.set_timesteps(steps)
     state = dict(i=0)
     if monkeypatch is not None:  # diffusers draws the step noise with randn_tensor: hand it ours
-        fake = lambda shape, **kw: noise_fn(state["i"], shape)  # noqa: E731
+        fake = lambda shape, **kw: noise_fn(state["i"], shape)
         for mod in (scheduling_ddpm, scheduling_euler_ancestral_discrete):
             monkeypatch.setattr(mod, "randn_tensor", fake)
     timesteps = sch.timesteps
@@ -100,10 +106,19 @@ def test_grids_match_diffusers(spacing, steps):
         if name == "heun":  # ... and Heun interleaves the corrector's timesteps
             ts = ts[::2]
         assert torch.equal(mine["timesteps"], ts) and mine["timesteps"].dtype == ts.dtype, name
-        if "sigmas" in mine:
+        assert mine["sigmas"][-1] == 0 and len(mine["sigmas"]) == len(ts) + 1, name
+        if hasattr(sch, "sigmas"):
             s = sch.sigmas if name != "heun" else torch.cat([sch.sigmas[:1], sch.sigmas[1:-1:2], sch.sigmas[-1:]])
             assert torch.equal(mine["sigmas"], s), name
-        assert samplers.init_noise_sigma(name, dcfg, steps) == float(sch.init_noise_sigma), name
+        else:  # a VP scheduler: sigma = sqrt((1 - alpha_bar) / alpha_bar) at its timesteps
+            ab = sch.alphas_cumprod[ts]
+            torch.testing.assert_close(mine["sigmas"][:-1], ((1 - ab) / ab) ** 0.5, rtol=1e-6, atol=0)
+        if name in ("euler", "euler_ancestral", "heun", "lms"):  # diffusers' own x_T scale
+            assert samplers.init_noise_sigma(name, dcfg, steps) == float(sch.init_noise_sigma), name
+        else:  # VP latents (init_noise_sigma 1) in sigma space
+            assert sch.init_noise_sigma == 1.0
+            assert samplers.init_noise_sigma(name, dcfg, steps) == pytest.approx(
+                float((1 + mine["sigmas"][0] ** 2) ** 0.5), rel=1e-7), name
 
 
 def test_rescale_zero_snr_betas_match_diffusers():
@@ -159,10 +174,15 @@ def test_karras_from_config_parity(name, latents):
     torch.testing.assert_close(ours(name, dcfg, 9, latents), reference(name, dcfg, 9, latents), **TOL)
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m"])
-def test_zero_terminal_snr_parity(name, latents):
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_ancestral", "dpmpp_2m"])
+def test_zero_terminal_snr_parity(name, latents, monkeypatch):
+    """alpha_bar_T = 0 is an infinite sigma: every sampler clamps it to 2**-24, as diffusers'
+    Euler and DPM-Solver do; DDIM and DDPM (which keep the 0) are compared with the same clamp."""
     dcfg = schedules.config(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction")
-    torch.testing.assert_close(ours(name, dcfg, 9, latents), reference(name, dcfg, 9, latents), **TOL)
+    kw = dict(noise_fn=step_noise) if name in ("ddpm", "euler_ancestral") else {}
+    ref = reference(name, dcfg, 9, latents, zero_snr_clamp=name in ("ddim", "ddpm"),
+                    monkeypatch=monkeypatch if kw else None, **kw)
+    torch.testing.assert_close(ours(name, dcfg, 9, latents, **kw), ref, **TOL)
 
 
 def test_clip_sample_parity(latents):
@@ -234,7 +254,7 @@ def test_img2img_plms_and_lms_follow_the_sliced_schedule(latents):
     sch.set_timesteps(steps)
     main = samplers.schedule("plms", dcfg, steps)["timesteps"][start:]
     sch.timesteps = torch.cat([main[:2], main[1:]])
-    ref = x.clone()
+    ref = sch.add_noise(x0, latents, main[:1])  # diffusers' VP latents
     for t in sch.timesteps:
         ref = sch.step(model(ref, t), t, ref).prev_sample
     torch.testing.assert_close(samplers.sample("plms", model, x, dcfg, steps, start=start), ref, **TOL)
@@ -293,36 +313,90 @@ def test_guided_sampling_matches_diffusers_loop(latents):
         return rescale_noise_cfg(out, out_text, guidance_rescale=0.5)
     ref = reference("dpmpp_2m", dcfg, 8, latents, model_fn=diffusers_cfg)
     guided = guidance.classifier_free(inner, cond, uncond, 5.0, 0.5)
-    torch.testing.assert_close(samplers.sample("dpmpp_2m", guided, latents, dcfg, 8), ref, **TOL)
+    x = latents * samplers.init_noise_sigma("dpmpp_2m", dcfg, 8)
+    torch.testing.assert_close(samplers.sample("dpmpp_2m", guided, x, dcfg, 8), ref, **TOL)
 
 
 # --- API contract ----------------------------------------------------------------------
 
 def test_errors(latents):
     dcfg = schedules.config()
-    with pytest.raises(ValueError, match="ddim, plms, euler"):
-        samplers.sample("k_euler", model, latents, dcfg, 10)
-    with pytest.raises(ValueError, match="steps"):
-        samplers.sample("ddim", model, latents, dcfg, 0)
-    with pytest.raises(ValueError, match="noise_fn"):
+    user_errors = [
+        (lambda: samplers.sample("k_euler", model, latents, dcfg, 10),
+         "unknown sampler 'k_euler': expected one of ddim"),
+        (lambda: samplers.sample("ddim", model, latents, dcfg, 0), "steps=0"),
+        (lambda: samplers.sample("euler", model, latents, dcfg, 10, eta=0.5), "only ddim takes eta"),
+        (lambda: samplers.strength_to_start(10, 1.5), "strength=1.5"),
+        (lambda: samplers.strength_to_start(10, 0.05), "no step"),
+        (lambda: samplers.sample("ddim", model, latents, dcfg, 4, start=4), "start=4"),
+        (lambda: samplers.sample("euler", model, latents, schedules.config(prediction_type="x0"), 4),
+         "prediction_type"),
+        (lambda: samplers.sample("ddim", model, latents, schedules.config(timestep_spacing="uniform"), 4),
+         "timestep_spacing"),
+        (lambda: samplers.sample("ddpm", model, latents, schedules.config(variance_type="learned"), 4,
+                                 noise_fn=step_noise), "variance_type"),
+    ]
+    for fn, message in user_errors:
+        with pytest.raises(UserError, match=message):
+            fn()
+    with pytest.raises(ValueError, match="noise_fn"):  # a caller's mistake, not the user's
         samplers.sample("euler_ancestral", model, latents, dcfg, 10)
-    with pytest.raises(ValueError, match="only ddim takes eta"):
-        samplers.sample("euler", model, latents, dcfg, 10, eta=0.5)
-    with pytest.raises(ValueError, match="strength"):
-        samplers.strength_to_start(10, 1.5)
-    with pytest.raises(ValueError, match="no step"):
-        samplers.strength_to_start(10, 0.05)
-    with pytest.raises(ValueError, match="prediction_type"):
-        samplers.sample("euler", model, latents, schedules.config(prediction_type="x0"), 4)
-    with pytest.raises(ValueError, match="timestep_spacing"):
-        samplers.sample("ddim", model, latents, schedules.config(timestep_spacing="uniform"), 4)
-    with pytest.raises(ValueError, match="space"):
-        denoiser.make_denoise_fn(model, dcfg, "edm")
+
+
+def test_denoiser_takes_diffusers_timesteps_on_the_grid():
+    """On the grid the model gets the schedule's own timestep (dtype included); off it,
+    schedules.sigma_to_t's fractional one. Its input is x / sqrt(sigma^2 + 1)."""
+    seen = []
+
+    def spy(x, t):
+        seen.append((x, t))
+        return torch.zeros_like(x)
+    dcfg = schedules.config(prediction_type="v_prediction")
+    sch = samplers.schedule("ddim", dcfg, 5)
+    denoise_fn = denoiser.make_denoise_fn(spy, dcfg, sch["sigmas"], sch["timesteps"])
+    x = torch.ones(2, 1, 1, 1)
+    sigma = sch["sigmas"][2]
+    x0 = denoise_fn(x, sigma)
+    assert torch.equal(seen[-1][1], sch["timesteps"][2].expand(2)) and seen[-1][1].dtype == torch.int64
+    torch.testing.assert_close(seen[-1][0], x / (sigma**2 + 1) ** 0.5)
+    torch.testing.assert_close(x0, x / (sigma**2 + 1))  # v = 0: x0 = alpha^2 x
+    denoise_fn(x, torch.tensor(1.0))
+    assert seen[-1][1].dtype == torch.float32
+    torch.testing.assert_close(seen[-1][1], schedules.sigma_to_t(1.0, dcfg).float().expand(2))
+
+
+@pytest.mark.parametrize("prediction_type", denoiser.PREDICTION_TYPES)
+def test_denoiser_conversions_invert(prediction_type):
+    g = torch.Generator().manual_seed(3)
+    x, out = torch.randn(3, 4, generator=g) * 5, torch.randn(3, 4, generator=g)
+    sigma = torch.tensor(2.5)
+    x0 = denoiser.x0_from_output(out, x, sigma, prediction_type)
+    torch.testing.assert_close(denoiser.output_from_x0(x0, x, sigma, prediction_type), out, rtol=1e-5, atol=1e-5)
+    eps = denoiser.eps_from_output(out, x, sigma, prediction_type)
+    torch.testing.assert_close(x0 + sigma * eps, x, rtol=1e-5, atol=1e-5)
+
+
+def test_step_transform_maps_the_state_between_steps(latents):
+    """step_transform's output is the state the next step starts from; the callback sees it."""
+    dcfg = schedules.config()
+    for name in ("ddim", "plms", "dpmpp_2m", "heun"):
+        seen, calls = [], []
+
+        def transform(i, x, sigma_next, calls=calls):
+            calls.append((i, float(sigma_next)))
+            return x * 0 + sigma_next
+        out = samplers.sample(name, model, latents, dcfg, 5, start=1, step_transform=transform, callback=seen.append)
+        sigmas = samplers.schedule(name, dcfg, 5)["sigmas"]
+        assert [c[0] for c in calls] == [1, 2, 3, 4] and calls[-1][1] == 0.0, name
+        assert [c[1] for c in calls] == sigmas[2:].tolist(), name
+        assert all(torch.equal(info["x"], torch.full_like(latents, s)) for info, (_, s) in zip(seen, calls)), name
+        assert torch.equal(out, torch.zeros_like(latents)), name
+        assert [sorted(info) for info in seen] == [["i", "sigma", "t", "x", "x0_hat"]] * 4, name
 
 
 def test_callback_sees_every_step_with_absolute_index(latents):
     dcfg = schedules.config()
     for name in ("heun", "plms", "ddim"):
         seen = []
-        samplers.sample(name, model, latents, dcfg, 8, callback=lambda info: seen.append(info["i"]), start=3)
-        assert seen == list(range(3, 8)), name
+        samplers.sample(name, model, latents, dcfg, 8, callback=seen.append, start=3)
+        assert [info["i"] for info in seen] == list(range(3, 8)), name

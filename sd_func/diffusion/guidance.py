@@ -11,6 +11,8 @@ do_classifier_free_guidance is guidance_scale > 1).
 
 import torch
 
+from sd_func.errors import UserError
+
 
 def combine(out_uncond, out_cond, guidance_scale: float):
     """out_uncond + w (out_cond - out_uncond)."""
@@ -34,7 +36,7 @@ def classifier_free(model_fn, cond, uncond, guidance_scale: float, guidance_resc
     if cond.shape != uncond.shape:
         raise ValueError(f"guidance: cond {tuple(cond.shape)} and uncond {tuple(uncond.shape)} differ in shape")
     if not 0.0 <= guidance_rescale <= 1.0:
-        raise ValueError(f"guidance_rescale={guidance_rescale}: expected a value in [0, 1]")
+        raise UserError(f"guidance_rescale={guidance_rescale}: expected a value in [0, 1]")
     context = torch.cat([uncond, cond])
 
     def guided_fn(x, t):

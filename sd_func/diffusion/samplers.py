@@ -1,15 +1,21 @@
 """Sampling entry point: one `sample(name, ...)` over the pure samplers of
-samplers_discrete.py (DDIM, PLMS, DDPM) and samplers_sigma.py (Euler, Euler a,
-Heun, LMS, DPM-Solver++ 2M), plus what pipelines need around them: the initial
-noise scale, img2img's start step and forward noising (SDEdit, Meng et al. 2022).
+samplers_discrete.py (DDIM, PLMS, DDPM) and samplers_sigma.py (Euler, Euler a, Heun,
+LMS, DPM-Solver++ 2M), plus what pipelines need around them: the initial noise scale,
+img2img's start step and forward noising (SDEdit, Meng et al. 2022).
 
-Every name reproduces the diffusers scheduler built from the same
-scheduler_config (cfg.diffusion): ddim=DDIMScheduler, plms=PNDMScheduler with
-skip_prk_steps, euler=EulerDiscreteScheduler, euler_ancestral=
-EulerAncestralDiscreteScheduler, heun=HeunDiscreteScheduler, lms=LMSDiscreteScheduler,
+Every sampler moves k-diffusion's sigma-space state x = x0 + sigma eps (Karras et al.
+2022) with one denoiser, denoise_fn(x, sigma) -> x0_hat, built here once from the raw
+model_fn(x, t) and the run's grid (denoiser.make_denoise_fn). Every name reproduces the
+diffusers scheduler built from the same scheduler_config (cfg.diffusion), to float32
+rounding: ddim=DDIMScheduler, plms=PNDMScheduler with skip_prk_steps,
+euler=EulerDiscreteScheduler, euler_ancestral=EulerAncestralDiscreteScheduler,
+heun=HeunDiscreteScheduler, lms=LMSDiscreteScheduler,
 dpmpp_2m(_karras)=DPMSolverMultistepScheduler(dpmsolver++, order 2[, Karras sigmas]),
-ddpm=DDPMScheduler. `x` is in the same space as diffusers' `latents` for that
-scheduler, so user latents become x_T = latents * init_noise_sigma(...).
+ddpm=DDPMScheduler. diffusers' `latents=` become x_T = latents * init_noise_sigma(...).
+One deviation: with rescale_betas_zero_snr the last alpha_bar (0, an infinite sigma) is
+clamped to 2**-24 for every sampler, as diffusers' Euler and DPM-Solver schedulers do
+(diffusers' DDIM and DDPM keep the exact 0; its PNDM, Heun and LMS schedulers
+do not take rescale_betas_zero_snr at all).
 Randomness only enters through noise_fn(step_index, shape); build it with
 noise_fn_from_keys so that each image depends only on its own key.
 """
@@ -19,39 +25,44 @@ import torch
 from sd_func import random
 from sd_func.diffusion import samplers_discrete, samplers_sigma, schedules
 from sd_func.diffusion.denoiser import make_denoise_fn
+from sd_func.errors import UserError
 
 NAMES = ("ddim", "plms", "euler", "euler_ancestral", "heun", "lms", "dpmpp_2m", "dpmpp_2m_karras", "ddpm")
 _DISCRETE = ("ddim", "plms", "ddpm")
-_SIGMA_VE = ("euler", "euler_ancestral", "heun", "lms")
+_SIGMA_VE = ("euler", "euler_ancestral", "heun", "lms")  # diffusers' state is x itself
 
 
-def _check(name: str, steps: int):
+def check(name: str, steps: int) -> None:
     if name not in NAMES:
-        raise ValueError(f"unknown sampler {name!r}: expected one of {', '.join(NAMES)}")
+        raise UserError(f"unknown sampler {name!r}: expected one of {', '.join(NAMES)}")
     if int(steps) < 1:
-        raise ValueError(f"steps={steps}: a sampler needs at least 1 step")
+        raise UserError(f"steps={steps}: a sampler needs at least 1 step")
 
 
 def schedule(name: str, dcfg, steps: int) -> dict:
-    """Everything sampler `name` needs for an n-step run, as tensors (host side).
+    """The grid of sampler `name` for an n-step run, as host tensors.
 
-    Discrete samplers: timesteps, alpha_bar (at t), alpha_bar_prev (at the step's target:
-    t - T//n for ddim/plms, the next timestep for ddpm), alphas_cumprod, final_alpha_bar,
-    stride. Sigma samplers: timesteps, sigmas ([n+1], ending in 0).
+    timesteps [n] (diffusers' dtype: int64, float32 for euler/heun/lms) and sigmas [n+1],
+    sigma of each timestep then 0. ddim and plms also get sigmas_to [n], where diffusers
+    steps to (sigma at t - T//n, or at final_alpha_cumprod for t - T//n < 0); plms also
+    sigmas_back [n], sigma at t + T//n (where its warm-up corrector steps from when the
+    run starts one step before t; clamped at T - 1).
     """
-    _check(name, steps)
+    check(name, steps)
     if name in _DISCRETE:
         ts = schedules.timesteps(dcfg, steps, "ddim")
-        ac = schedules.alphas_cumprod(dcfg)
+        s_train = schedules.train_sigmas(dcfg)
+        sigmas = torch.cat([s_train[ts], s_train.new_zeros(1)])
+        out = dict(timesteps=ts, sigmas=sigmas)
+        if name == "ddpm":  # its posterior goes to the next grid timestep
+            return out
         stride = schedules.field(dcfg, "num_train_timesteps") // int(steps)
-        if name == "ddpm":
-            prev, final = torch.cat([ts[1:], ts.new_tensor([-1])]), torch.tensor(1.0)
-        else:
-            prev = ts - stride
-            final = torch.tensor(1.0) if schedules.field(dcfg, "set_alpha_to_one") else ac[0]
-        ab_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
-        return dict(timesteps=ts, alpha_bar=ac[ts], alpha_bar_prev=ab_prev, alphas_cumprod=ac,
-                    final_alpha_bar=final, stride=stride)
+        final = s_train.new_tensor(0.0) if schedules.field(dcfg, "set_alpha_to_one") else s_train[0]
+        prev = ts - stride
+        out["sigmas_to"] = torch.where(prev >= 0, s_train[prev.clamp(min=0)], final)
+        if name == "plms":
+            out["sigmas_back"] = s_train[(ts + stride).clamp(max=len(s_train) - 1)]
+        return out
     family = "dpmsolver" if name.startswith("dpmpp") else "euler"
     karras = {"dpmpp_2m_karras": True, "euler_ancestral": False}.get(name)  # None: cfg.diffusion
     sigmas, ts = schedules.sigmas(dcfg, steps, family, karras)
@@ -59,16 +70,15 @@ def schedule(name: str, dcfg, steps: int) -> dict:
 
 
 def init_noise_sigma(name: str, dcfg, steps: int) -> float:
-    """The std of x_T: diffusers' scheduler.init_noise_sigma after set_timesteps(steps).
+    """The factor that turns diffusers' `latents=` into our x_T.
 
-    1 for the variance-preserving samplers (ddim, plms, ddpm, dpmpp_2m*); for Euler/Heun/LMS
-    max sigma (linspace, trailing) or sqrt(max sigma^2 + 1) (leading).
+    euler, euler_ancestral, heun, lms: diffusers' scheduler.init_noise_sigma after
+    set_timesteps(steps) (max sigma for linspace/trailing spacing, sqrt(max sigma^2 + 1)
+    for leading). The others keep variance-preserving latents (init_noise_sigma 1), so
+    x_T = latents * sqrt(1 + sigma_max^2).
     """
-    if name not in _SIGMA_VE:
-        _check(name, steps)
-        return 1.0
     s_max = schedule(name, dcfg, steps)["sigmas"].max()
-    if schedules.field(dcfg, "timestep_spacing") in ("linspace", "trailing"):
+    if name in _SIGMA_VE and schedules.field(dcfg, "timestep_spacing") in ("linspace", "trailing"):
         return float(s_max)
     return float((s_max**2 + 1) ** 0.5)
 
@@ -76,31 +86,24 @@ def init_noise_sigma(name: str, dcfg, steps: int) -> float:
 def strength_to_start(steps: int, strength: float) -> int:
     """img2img's first step index: diffusers' get_timesteps, t_start = n - int(n * strength)."""
     if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"strength={strength}: expected a value in [0, 1]")
+        raise UserError(f"strength={strength}: expected a value in [0, 1]")
     start = max(int(steps) - min(int(int(steps) * strength), int(steps)), 0)
     if start >= steps:
-        raise ValueError(f"strength={strength} with steps={steps} leaves no step to run; raise either")
+        raise UserError(f"strength={strength} with steps={steps} leaves no step to run; raise either")
     return start
 
 
 def add_noise(name: str, dcfg, steps: int, x0, noise, start: int = 0):
-    """x0 noised to the first timestep/sigma of a run that begins at step `start`
-    (scheduler.add_noise at timesteps[start]), in the sampler's own state space."""
+    """x0 noised to the first sigma of a run that begins at step `start`: x0 + sigma noise
+    (diffusers' scheduler.add_noise at timesteps[start], in sigma space)."""
     sch = schedule(name, dcfg, steps)
     _check_start(start, len(sch["timesteps"]))
-    if name in _DISCRETE:
-        ab = sch["alpha_bar"][start].to(x0.dtype)
-        return ab**0.5 * x0 + (1 - ab) ** 0.5 * noise
-    sigma = sch["sigmas"][start].to(x0.dtype)
-    if name in _SIGMA_VE:
-        return x0 + noise * sigma
-    alpha, sigma_vp = samplers_sigma._alpha_sigma(sigma)
-    return alpha * x0 + sigma_vp * noise
+    return x0 + noise * sch["sigmas"][start].to(x0.dtype)
 
 
 def _check_start(start, n):
     if not 0 <= start < n:
-        raise ValueError(f"start={start}: expected 0 <= start < steps={n}")
+        raise UserError(f"start={start}: expected 0 <= start < steps={n}")
 
 
 def noise_fn_from_keys(keys, dtype=torch.float32, device=None):
@@ -116,51 +119,57 @@ def noise_fn_from_keys(keys, dtype=torch.float32, device=None):
 
 
 def sample(name: str, model_fn, x, dcfg, steps: int, eta: float = 0.0, noise_fn=None,
-           callback=None, start: int = 0):
-    """Run sampler `name` from x (x_T, or add_noise's output when start > 0) to x_0.
+           callback=None, start: int = 0, step_transform=None):
+    """Run sampler `name` from x (x_T, or add_noise's output when start > 0) to sigma = 0.
 
-    model_fn(x, t) -> eps / v / x0 as cfg.diffusion.prediction_type says (t: [B] tensor);
-    eta: DDIM's noise scale (other samplers take none); noise_fn(step_index, shape) for the
-    stochastic ones (ddpm, euler_ancestral, ddim with eta > 0); callback(info) after each
-    step with info = {i, t, x, x0_hat[, sigma]}; start: first step index (img2img, see
-    strength_to_start). The state is kept in float32 (half inputs are upcast).
+    model_fn(x, t) -> eps / v / x0 as cfg.diffusion.prediction_type says (t: [B] tensor).
+    x is the sigma-space state x0 + sigma eps; the result, at sigma = 0, is the final
+    latents to decode (diffusers' final latents: for ddim/plms with set_alpha_to_one=False
+    those still hold alpha_bar_0's sliver of noise, see samplers_discrete). eta: DDIM's
+    noise scale (other samplers take none);
+    noise_fn(step_index, shape) for the stochastic ones (ddpm, euler_ancestral, ddim with
+    eta > 0). step_transform(i, x, sigma_next) -> x: a pure map of the state after step i
+    (the inpaint blend); callback(info) observes each step after it, info = {i, t, sigma,
+    x, x0_hat}. start: first step index (img2img, see strength_to_start); i is always the
+    absolute step index. The state is kept in float32 (half inputs are upcast).
     """
     sch = schedule(name, dcfg, steps)
-    n = len(sch["timesteps"])
-    _check_start(start, n)
+    ts, sigmas = sch["timesteps"], sch["sigmas"]
+    _check_start(start, len(ts))
     if eta != 0.0 and name != "ddim":
-        raise ValueError(f"eta={eta}: only ddim takes eta (sampler {name!r})")
+        raise UserError(f"eta={eta}: only ddim takes eta (sampler {name!r})")
     stochastic = name in ("ddpm", "euler_ancestral") or (name == "ddim" and eta > 0)
     if stochastic and noise_fn is None:
         raise ValueError(f"sampler {name!r} (eta={eta}) draws noise: pass noise_fn, e.g. noise_fn_from_keys(keys)")
     if schedules.field(dcfg, "thresholding"):
-        raise ValueError("cfg.diffusion.thresholding=True (dynamic thresholding) is not supported")
+        raise UserError("cfg.diffusion.thresholding=True (dynamic thresholding) is not supported")
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
+    denoise_fn = make_denoise_fn(model_fn, dcfg, sigmas, ts)
     nf = None if noise_fn is None else (lambda i, shape: noise_fn(i + start, shape).to(x.device, x.dtype))
-    cb = None if callback is None else (lambda info: callback({**info, "i": info["i"] + start}))
+    cb = None if callback is None else (
+        lambda info: callback(dict(i=info["i"] + start, t=ts[info["i"] + start], sigma=info["sigma"],
+                                   x=info["x"], x0_hat=info["x0_hat"])))
+    tf = None if step_transform is None else (lambda i, x, sigma_next: step_transform(i + start, x, sigma_next))
     clip = schedules.field(dcfg, "clip_sample_range") if schedules.field(dcfg, "clip_sample") else None
-    ts = sch["timesteps"][start:]
+    s = sigmas[start:]
+    common = dict(callback=cb, step_transform=tf)
 
-    if name == "ddim" or name == "ddpm":
-        denoise_fn = make_denoise_fn(model_fn, dcfg, "vp")
-        ab, ab_prev = sch["alpha_bar"][start:], sch["alpha_bar_prev"][start:]
-        if name == "ddim":
-            return samplers_discrete.ddim(denoise_fn, x, ts, ab, ab_prev, eta, clip, nf, cb)
-        return samplers_discrete.ddpm(denoise_fn, x, ts, ab, ab_prev, schedules.field(dcfg, "variance_type"),
-                                      clip, nf, cb)
+    if name == "ddim":
+        return samplers_discrete.ddim(denoise_fn, x, s, sch["sigmas_to"][start:], eta, clip, nf, **common)
     if name == "plms":
-        return samplers_discrete.plms(make_denoise_fn(model_fn, dcfg, "output"), x, ts, sch["stride"],
-                                      sch["alphas_cumprod"], sch["final_alpha_bar"],
-                                      schedules.field(dcfg, "prediction_type"), cb)
-    sigmas = sch["sigmas"][start:]
+        back = sch["sigmas_back"][start + 1] if start + 1 < len(ts) else None
+        return samplers_discrete.plms(denoise_fn, x, s, schedules.field(dcfg, "prediction_type"),
+                                      sch["sigmas_to"][start:], back, **common)
+    if name == "ddpm":
+        return samplers_discrete.ddpm(denoise_fn, x, s, schedules.field(dcfg, "variance_type"), clip, nf,
+                                      noise_at_end=bool(ts[-1] > 0), **common)
     if name.startswith("dpmpp"):
-        return samplers_sigma.dpmpp_2m(make_denoise_fn(model_fn, dcfg, "vp"), x, sigmas, ts, cb)
-    denoise_fn = make_denoise_fn(model_fn, dcfg, "ve")
+        return samplers_sigma.dpmpp_2m(denoise_fn, x, s, **common)
     if name == "euler":
-        return samplers_sigma.euler(denoise_fn, x, sigmas, ts, cb)
+        return samplers_sigma.euler(denoise_fn, x, s, **common)
     if name == "euler_ancestral":
-        return samplers_sigma.euler_ancestral(denoise_fn, x, sigmas, ts, nf, cb)
+        return samplers_sigma.euler_ancestral(denoise_fn, x, s, nf, **common)
     if name == "heun":
-        return samplers_sigma.heun(denoise_fn, x, sigmas, ts, clip, cb)
-    return samplers_sigma.lms(denoise_fn, x, sigmas, ts, callback=cb)
+        return samplers_sigma.heun(denoise_fn, x, s, clip, **common)
+    return samplers_sigma.lms(denoise_fn, x, s, **common)

@@ -1,59 +1,67 @@
-"""Sigma-space samplers (Karras et al. 2022, "Elucidating the Design Space", k-diffusion):
-Euler, Euler ancestral, Heun (Alg. 1), LMS, and DPM-Solver++(2M) (Lu et al. 2022).
+"""The k-diffusion samplers (Karras et al. 2022, "Elucidating the Design Space", and
+crowsonkb/k-diffusion sampling.py): Euler, Euler ancestral, Heun (Alg. 1), LMS, and
+DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++", Alg. 2, in k-diffusion's sigma form).
 
-Each is a small pure function (denoise_fn, x, sigmas, timesteps, noise_fn, callback):
-`sigmas` [n+1] ends in 0, `timesteps` [n] are the model timesteps that go with
-sigmas[:n] (from schedules.sigmas). Euler, Euler a, Heun and LMS move
-x = x0 + sigma eps with denoise_fn = make_denoise_fn(model_fn, dcfg, "ve"):
-(x, sigma, t) -> x0_hat. DPM-Solver++ keeps diffusers' variance-preserving state
-x = alpha x0 + sigma_vp eps (alpha = 1/sqrt(sigma^2+1), sigma_vp = sigma alpha) with the
-"vp" denoiser, so that it agrees with DPMSolverMultistepScheduler to float32 rounding.
+Each is a small pure function (denoise_fn, x, sigmas, ...): x = x0 + sigma eps is the
+state, `sigmas` [n+1] the grid it moves along (ending in 0), and denoise_fn(x, sigma) ->
+x0_hat the one denoiser of denoiser.make_denoise_fn. After step i the state, at
+sigmas[i+1], goes through step_transform(i, x, sigma_next) -> x when one is given (the
+inpaint blend), then callback(info) observes it; `end_step` does both, for every sampler.
+Step i only ever evaluates the model at grid sigmas, so the denoiser hands the model
+diffusers' own timesteps, and each sampler agrees with its diffusers scheduler
+(EulerDiscrete, EulerAncestralDiscrete, HeunDiscrete, LMSDiscrete, DPMSolverMultistep) to
+float32 rounding.
 """
 
 import torch
 
 
-def _report(callback, i, t, sigma, x, x0_hat):
+def end_step(i, sigma, sigma_next, x, x0_hat, step_transform=None, callback=None):
+    """The state after step i: step_transform's output if given; the callback only observes."""
+    if step_transform is not None:
+        x = step_transform(i, x, sigma_next)
     if callback is not None:
-        callback(dict(i=i, t=t, sigma=sigma, x=x, x0_hat=x0_hat))
-
-
-def euler(denoise_fn, x, sigmas, timesteps, callback=None):
-    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma."""
-    for i, t in enumerate(timesteps):
-        sigma = sigmas[i]
-        x0_hat = denoise_fn(x, sigma, t)
-        d = (x - x0_hat) / sigma
-        x = x + d * (sigmas[i + 1] - sigma)
-        _report(callback, i, t, sigma, x, x0_hat)
+        callback(dict(i=i, sigma=sigma, x=x, x0_hat=x0_hat))
     return x
 
 
-def euler_ancestral(denoise_fn, x, sigmas, timesteps, noise_fn, callback=None):
+def euler(denoise_fn, x, sigmas, callback=None, step_transform=None):
+    """Euler steps on the probability-flow ODE dx/dsigma = (x - x0_hat) / sigma."""
+    for i in range(len(sigmas) - 1):
+        sigma = sigmas[i]
+        x0_hat = denoise_fn(x, sigma)
+        d = (x - x0_hat) / sigma
+        x = x + d * (sigmas[i + 1] - sigma)
+        x = end_step(i, sigma, sigmas[i + 1], x, x0_hat, step_transform, callback)
+    return x
+
+
+def euler_ancestral(denoise_fn, x, sigmas, noise_fn, callback=None, step_transform=None):
     """Euler a: an ODE step down to sigma_down, then fresh noise of std sigma_up, with
     sigma_up^2 = sigma_to^2 (sigma_from^2 - sigma_to^2) / sigma_from^2 and
     sigma_down^2 = sigma_to^2 - sigma_up^2 (k-diffusion get_ancestral_step, eta = 1)."""
-    for i, t in enumerate(timesteps):
+    for i in range(len(sigmas) - 1):
         sigma_from, sigma_to = sigmas[i], sigmas[i + 1]
-        x0_hat = denoise_fn(x, sigma_from, t)
+        x0_hat = denoise_fn(x, sigma_from)
         sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
         sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
         d = (x - x0_hat) / sigma_from
         x = x + d * (sigma_down - sigma_from)
         if sigma_to > 0:
             x = x + noise_fn(i, x.shape) * sigma_up
-        _report(callback, i, t, sigma_from, x, x0_hat)
+        x = end_step(i, sigma_from, sigma_to, x, x0_hat, step_transform, callback)
     return x
 
 
-def heun(denoise_fn, x, sigmas, timesteps, clip=None, callback=None):
+def heun(denoise_fn, x, sigmas, clip=None, callback=None, step_transform=None):
     """Karras et al. 2022 Alg. 1 (deterministic, S_churn = 0): Euler predictor, trapezoidal
-    corrector at sigma_next; the last step, to sigma = 0, is plain Euler."""
-    n = len(timesteps)
+    corrector at sigma_next; the last step, to sigma = 0, is plain Euler. clip: clamp x0_hat
+    to [-clip, clip] (diffusers' clip_sample)."""
+    n = len(sigmas) - 1
     for i in range(n):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         # 1. Euler predictor.
-        x0_hat = _clip(denoise_fn(x, sigma, timesteps[i]), clip)
+        x0_hat = clip_x0(denoise_fn(x, sigma), clip)
         d = (x - x0_hat) / sigma
         dt = sigma_next - sigma
         if i == n - 1:
@@ -61,14 +69,14 @@ def heun(denoise_fn, x, sigmas, timesteps, clip=None, callback=None):
         else:
             # 2. Trapezoid corrector with the slope at the predicted point.
             x_pred = x + d * dt
-            x0_next = _clip(denoise_fn(x_pred, sigma_next, timesteps[i + 1]), clip)
+            x0_next = clip_x0(denoise_fn(x_pred, sigma_next), clip)
             d_next = (x_pred - x0_next) / sigma_next
             x = x + ((d + d_next) / 2) * dt
-        _report(callback, i, timesteps[i], sigma, x, x0_hat)
+        x = end_step(i, sigma, sigma_next, x, x0_hat, step_transform, callback)
     return x
 
 
-def _clip(x0_hat, clip):
+def clip_x0(x0_hat, clip):
     return x0_hat if clip is None else x0_hat.clamp(-clip, clip)
 
 
@@ -87,51 +95,40 @@ def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
     return out
 
 
-def lms(denoise_fn, x, sigmas, timesteps, order=4, callback=None):
+def lms(denoise_fn, x, sigmas, order=4, callback=None, step_transform=None):
     """Linear multistep (k-diffusion sample_lms): Adams-Bashforth in sigma over the last
     `order` slopes d = (x - x0_hat) / sigma; the order ramps up 1, 2, 3, 4 from the start."""
     sig = sigmas.tolist()
     ds = []
-    for i, t in enumerate(timesteps):
+    for i in range(len(sigmas) - 1):
         sigma = sigmas[i]
-        x0_hat = denoise_fn(x, sigma, t)
+        x0_hat = denoise_fn(x, sigma)
         ds = (ds + [(x - x0_hat) / sigma])[-order:]
         coeffs = lms_coefficients(sig, i, len(ds))
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
-        _report(callback, i, t, sigma, x, x0_hat)
+        x = end_step(i, sigma, sigmas[i + 1], x, x0_hat, step_transform, callback)
     return x
 
 
-def _alpha_sigma(sigma):
-    alpha = 1 / ((sigma**2 + 1) ** 0.5)
-    return alpha, sigma * alpha
-
-
-def dpmpp_2m(denoise_fn, x, sigmas, timesteps, callback=None):
-    """DPM-Solver++(2M), Lu et al. 2022 Alg. 2 with diffusers' midpoint form, lambda =
-    log(alpha / sigma_vp). The first step and the last one (to sigma = 0) are first
-    order, i.e. DDIM in lambda."""
+def dpmpp_2m(denoise_fn, x, sigmas, callback=None, step_transform=None):
+    """DPM-Solver++(2M) in sigma space (k-diffusion sample_dpmpp_2m), lambda = -log sigma:
+    x <- (sigma_next / sigma) x - expm1(-h) D with h = lambda_next - lambda and D = x0_hat
+    (first order: DDIM) or, from the second step on, D = x0_hat + (x0_hat - x0_prev) / (2 r)
+    with r = h_prev / h (diffusers' midpoint form). The step to sigma = 0 is first order,
+    where it lands on x0_hat (the h -> inf limit), as diffusers' lower_order_final does."""
     x0_prev = None
-    n = len(timesteps)
-    for i, t in enumerate(timesteps):
-        # 1. x0 at the current point, in the VP parameterisation of sigma.
-        alpha_s0, sigma_s0 = _alpha_sigma(sigmas[i])
-        alpha_t, sigma_t = _alpha_sigma(sigmas[i + 1])
-        x0_hat, _ = denoise_fn(x, t, alpha_s0, sigma_s0)
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
-        lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
-        h = lambda_t - lambda_s0
-        if x0_prev is None or i == n - 1:
-            # 2a. First order: x_t = (sigma_t / sigma_s) x - alpha_t (e^-h - 1) x0.
-            x = (sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0_hat
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0_hat = denoise_fn(x, sigma)
+        if sigma_next == 0:
+            x = x0_hat
         else:
-            # 2b. Second order: D1 = (x0 - x0_prev) / r0 with r0 = h_prev / h.
-            alpha_s1, sigma_s1 = _alpha_sigma(sigmas[i - 1])
-            lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
-            r0 = (lambda_s0 - lambda_s1) / h
-            d0, d1 = x0_hat, (1.0 / r0) * (x0_hat - x0_prev)
-            x = ((sigma_t / sigma_s0) * x - (alpha_t * (torch.exp(-h) - 1.0)) * d0
-                 - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+            h = torch.log(sigma) - torch.log(sigma_next)
+            d = x0_hat
+            if x0_prev is not None:
+                r = (torch.log(sigmas[i - 1]) - torch.log(sigma)) / h
+                d = x0_hat + (x0_hat - x0_prev) / (2 * r)
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * d
         x0_prev = x0_hat
-        _report(callback, i, t, sigmas[i], x, x0_hat)
+        x = end_step(i, sigma, sigma_next, x, x0_hat, step_transform, callback)
     return x

@@ -18,6 +18,8 @@ import ml_collections
 import numpy as np
 import torch
 
+from sd_func.errors import UserError
+
 SPACINGS = ("leading", "trailing", "linspace")
 # Timestep grid families: how each diffusers scheduler rounds its grid.
 #   "ddim": DDIM, DDPM, PNDM (int64);  "euler": Euler, Euler a, Heun, LMS (float32,
@@ -46,10 +48,10 @@ def betas(dcfg) -> torch.Tensor:
     elif kind == "scaled_linear":
         b = torch.linspace(b0**0.5, b1**0.5, n, dtype=torch.float32) ** 2
     elif kind == "squaredcos_cap_v2":
-        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        f = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
         b = torch.tensor([min(1 - f((i + 1) / n) / f(i / n), 0.999) for i in range(n)], dtype=torch.float32)
     else:
-        raise ValueError(f"cfg.diffusion.beta_schedule={kind!r}: expected linear, scaled_linear or squaredcos_cap_v2")
+        raise UserError(f"cfg.diffusion.beta_schedule={kind!r}: expected linear, scaled_linear or squaredcos_cap_v2")
     if dcfg.get("rescale_betas_zero_snr", False):
         b = _rescale_zero_terminal_snr(b)
     return b
@@ -91,9 +93,9 @@ def timesteps(dcfg, steps: int, family: str = "ddim") -> torch.Tensor:
     T, n = int(field(dcfg, "num_train_timesteps")), int(steps)
     spacing, offset = field(dcfg, "timestep_spacing"), int(field(dcfg, "steps_offset"))
     if n < 1 or n > T:
-        raise ValueError(f"steps={n}: expected 1 <= steps <= cfg.diffusion.num_train_timesteps={T}")
+        raise UserError(f"steps={n}: expected 1 <= steps <= cfg.diffusion.num_train_timesteps={T}")
     if spacing not in SPACINGS:
-        raise ValueError(f"cfg.diffusion.timestep_spacing={spacing!r}: expected one of {SPACINGS}")
+        raise UserError(f"cfg.diffusion.timestep_spacing={spacing!r}: expected one of {SPACINGS}")
     if family not in FAMILIES:
         raise ValueError(f"timestep family {family!r}: expected one of {FAMILIES}")
     if family == "dpmsolver":  # an n+1 point grid whose t=0 end is dropped (lambda_min_clipped=-inf)
@@ -170,9 +172,9 @@ def sigmas(dcfg, steps: int, family: str = "euler", karras=None):
     if karras is None:
         karras = bool(field(dcfg, "use_karras_sigmas"))
     if field(dcfg, "interpolation_type") != "linear":
-        raise ValueError(f"cfg.diffusion.interpolation_type={dcfg.interpolation_type!r}: only 'linear' is supported")
+        raise UserError(f"cfg.diffusion.interpolation_type={dcfg.interpolation_type!r}: only 'linear' is supported")
     if field(dcfg, "final_sigmas_type") != "zero":
-        raise ValueError(f"cfg.diffusion.final_sigmas_type={dcfg.final_sigmas_type!r}: only 'zero' is supported")
+        raise UserError(f"cfg.diffusion.final_sigmas_type={dcfg.final_sigmas_type!r}: only 'zero' is supported")
     ts = timesteps(dcfg, steps, family).numpy()
     s_train = train_sigmas(dcfg).numpy()
     log_s = np.log(s_train)

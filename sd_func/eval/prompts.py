@@ -12,6 +12,7 @@ import json
 import os
 
 from sd_func import pipelines
+from sd_func.errors import UserError
 from sd_func.eval import shapes as shapes_eval
 from sd_func.pipelines import images as image_io
 
@@ -22,10 +23,11 @@ def evaluate(params: dict, cfg, outdir: str, log=print) -> dict:
     """Sample cfg.sample.prompts, save the grid, score them; returns the scores (JSON-able)."""
     kind = cfg.eval.kind
     if kind not in SCORERS:
-        raise ValueError(f"cfg.eval.kind = {kind!r}; expected one of {sorted(SCORERS)}")
+        raise UserError(f"cfg.eval.kind = {kind!r}; expected one of {sorted(SCORERS)}")
     prompts = list(cfg.sample.prompts)
     seeds = [int(cfg.eval.seed) + i for i in range(len(prompts))]
-    imgs = pipelines.txt2img(params, cfg, prompts, seeds=seeds)
+    unet_fn = pipelines.make_unet_fn(cfg.unet, cfg.sample.get("compile", False))
+    imgs = pipelines.txt2img(params, cfg, prompts, seeds=seeds, unet_fn=unet_fn)
     os.makedirs(outdir, exist_ok=True)
     grid_path = os.path.join(outdir, cfg.eval.grid)
     image_io.save_png(grid_path, image_io.grid(imgs, cols=min(len(prompts), 15)))

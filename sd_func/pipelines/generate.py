@@ -10,6 +10,10 @@ the VAE posterior samples (fold_in 0: the init image, 1: the masked image) and "
 the noise of stochastic samplers (fold_in step index). Images are processed in chunks
 of `batch_size`; a chunk's rows never mix, so batch size and position do not change an
 image (up to the float rounding of batched kernels).
+
+The three share one `options.Options` (sampler, steps, guidance, sizes, dtype, output
+type, callback, the UNet call, step noise): pass `options=` (from options.resolve) or
+the same names as keywords, which win over cfg.sample.
 """
 
 import torch
@@ -18,12 +22,11 @@ from tqdm.auto import tqdm
 
 from sd_func import random, tree
 from sd_func.diffusion import guidance, samplers
+from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, tokenizer
 from sd_func.pipelines import images as imgs
-from sd_func.pipelines import options
-from sd_func.pipelines.unet_call import unet_fn
-
-OUTPUT_TYPES = ("uint8", "float", "latent")
+from sd_func.pipelines.options import OUTPUT_TYPES, resolve, torch_dtype
+from sd_func.pipelines.unet_call import make_unet_fn
 
 
 def image_keys(seed: int) -> dict:
@@ -65,12 +68,21 @@ def encode_images(params_vae, cfg, images: torch.Tensor, keys) -> torch.Tensor:
 def decode_latents(params, cfg, latents: torch.Tensor, output_type: str = "uint8", dtype=None):
     """Scaled latents [B,C,h,w] -> images: uint8 [B,H,W,3] or float [B,H,W,3] in [0, 1]."""
     if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+        raise UserError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
     if output_type == "latent":
         return latents
     p = params["vae"] if dtype is None else tree.cast(params["vae"], dtype)
     x = autoencoder.decode(p, latents.to(device_of(params)) / cfg.vae.scaling_factor, cfg.vae)
     return imgs.to_uint8(x) if output_type == "uint8" else imgs.to_unit(x)
+
+
+def inpaint_blend(mask, z0, noise):
+    """The step_transform of a 4-channel UNet's inpaint (diffusers' legacy blend): after each
+    step the known region (mask 0) is the image latents z0 noised to the state's new sigma
+    with the initial noise, z0 + sigma_next noise; exactly z0 after the last step."""
+    def blend(i, x, sigma_next):
+        return (1 - mask) * (z0 + sigma_next * noise) + mask * x
+    return blend
 
 
 # ----------------------------------------------------------------------------- batching
@@ -85,15 +97,15 @@ def _batch(prompts, seeds, negative_prompt, n_latents, cfg):
     if seeds is None:
         seeds = [int(cfg.get("seed", 0)) + i for i in range(n)]
     if not prompts:
-        raise ValueError("no prompt: pass at least one prompt (it may be \"\")")
+        raise UserError("no prompt: pass at least one prompt (it may be \"\")")
     if len(prompts) == 1:
         prompts = prompts * n
     negs = [negative_prompt] * n if isinstance(negative_prompt, str) else list(negative_prompt)
     for name, v in (("prompts", prompts), ("seeds", seeds), ("negative prompts", negs)):
         if len(v) != n:
-            raise ValueError(f"{len(v)} {name} for {n} images: give one per image (or one prompt for all)")
+            raise UserError(f"{len(v)} {name} for {n} images: give one per image (or one prompt for all)")
     if n_latents is not None and n_latents != n:
-        raise ValueError(f"latents hold {n_latents} images for {n} prompts/seeds")
+        raise UserError(f"latents hold {n_latents} images for {n} prompts/seeds")
     return prompts, seeds, negs
 
 
@@ -110,18 +122,18 @@ def _latent_size(cfg, o, latents, image=None):
     c = cfg.vae.latent_channels
     if latents is not None:
         if latents.ndim != 4 or latents.shape[1] != c:
-            raise ValueError(f"latents: expected shape [N,{c},h,w], got {tuple(latents.shape)}")
+            raise UserError(f"latents: expected shape [N,{c},h,w], got {tuple(latents.shape)}")
         h, w = latents.shape[2] * f, latents.shape[3] * f
         if image is not None and tuple(image.shape[-2:]) != (h, w):
-            raise ValueError(f"latents {tuple(latents.shape)} make {h}x{w} images but the init image "
-                             f"is {image.shape[-2]}x{image.shape[-1]}")
+            raise UserError(f"latents {tuple(latents.shape)} make {h}x{w} images but the init image "
+                            f"is {image.shape[-2]}x{image.shape[-1]}")
     elif image is not None:
         h, w = image.shape[-2:]
     else:
         h, w = o.height, o.width
     for k, v in (("height", h), ("width", w)):
         if v % 8 or v % f:
-            raise ValueError(f"{k}={v}: expected a multiple of 8 (and of the VAE's factor {f})")
+            raise UserError(f"{k}={v}: expected a multiple of 8 (and of the VAE's factor {f})")
     return h // f, w // f
 
 
@@ -130,19 +142,16 @@ def _latent_size(cfg, o, latents, image=None):
 
 @torch.no_grad()
 def _run(params, cfg, prompts, seeds, negative_prompt, latents, o, mode, init_image=None, mask=None,
-         strength=1.0, output_type="uint8", progress=False, callback=None):
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type={output_type!r}: expected one of {OUTPUT_TYPES}")
+         strength=1.0):
     device = device_of(params)
-    dtype = options.torch_dtype(o.dtype, device)
-    p = {k: tree.cast(v, dtype) for k, v in params.items()}
+    p = {k: tree.cast(v, torch_dtype(o.dtype, device)) for k, v in params.items()}
     image = None if init_image is None else imgs.image_to_tensor(init_image)
     m = None
     if mask is not None:
         m = imgs.mask_to_tensor(mask)
         if tuple(m.shape[-2:]) != tuple(image.shape[-2:]):
-            raise ValueError(f"mask is {m.shape[-2]}x{m.shape[-1]} but the init image is "
-                             f"{image.shape[-2]}x{image.shape[-1]}: they must be the same size")
+            raise UserError(f"mask is {m.shape[-2]}x{m.shape[-1]} but the init image is "
+                            f"{image.shape[-2]}x{image.shape[-1]}: they must be the same size")
     if latents is not None:
         latents = torch.as_tensor(latents).float()
     h, w = _latent_size(cfg, o, latents, image)
@@ -150,12 +159,12 @@ def _run(params, cfg, prompts, seeds, negative_prompt, latents, o, mode, init_im
                                   None if latents is None else latents.shape[0], cfg)
     for name, x in (("init image", image), ("mask", m)):
         if x is not None and x.shape[0] not in (1, len(seeds)):
-            raise ValueError(f"{x.shape[0]} {name}s for {len(seeds)} images: give one, or one per image")
+            raise UserError(f"{x.shape[0]} {name}s for {len(seeds)} images: give one, or one per image")
     start = 0 if mode == "txt2img" or (mode == "inpaint" and strength == 1.0) else \
         samplers.strength_to_start(o.steps, strength)
-    call = unet_fn(cfg.unet, o.compile)
+    call = o.unet_fn or make_unet_fn(cfg.unet)
     chunks = [list(range(i, min(i + o.batch_size, len(seeds)))) for i in range(0, len(seeds), o.batch_size)]
-    bar = tqdm(total=len(chunks) * (o.steps - start), desc=mode, disable=not progress, leave=False)
+    bar = tqdm(total=len(chunks) * (o.steps - start), desc=mode, disable=not o.progress, leave=False)
     out = []
     for idx in chunks:
         keys = [image_keys(seeds[i]) for i in idx]
@@ -164,14 +173,13 @@ def _run(params, cfg, prompts, seeds, negative_prompt, latents, o, mode, init_im
         job = dict(mode=mode, start=start, strength=strength, keys=keys, noise=noise,
                    image=None if image is None else _rows(image, idx).to(device),
                    mask=None if m is None else _rows(m, idx).to(device))
-        z = _sample_chunk(p, cfg, o, [prompts[i] for i in idx], [negs[i] for i in idx], job, call,
-                          bar, callback)
-        out.append(decode_latents(p, cfg, z, output_type))
+        z = _sample_chunk(p, cfg, o, [prompts[i] for i in idx], [negs[i] for i in idx], job, call, bar)
+        out.append(decode_latents(p, cfg, z, o.output_type))
     bar.close()
     return torch.cat(out)
 
 
-def _sample_chunk(p, cfg, o, prompts, negs, job, call, bar, callback):
+def _sample_chunk(p, cfg, o, prompts, negs, job, call, bar):
     """Final scaled latents of one chunk: conditioning, x_T, the sampler loop."""
     cond = encode_prompts(p["text_encoder"], cfg, prompts, o.clip_skip)
     uncond = encode_prompts(p["text_encoder"], cfg, negs, o.clip_skip) if o.guidance_scale > 1 else cond
@@ -180,28 +188,30 @@ def _sample_chunk(p, cfg, o, prompts, negs, job, call, bar, callback):
     in_ch = cfg.unet.in_channels
 
     extra = None  # what a 9-channel inpainting UNet sees beside x: [mask, masked-image latents]
-    known = None  # a 4-channel inpaint's image latents, blended back outside the mask
+    blend = None  # a 4-channel inpaint's per-step blend of the known region
+    z0 = None
     if mode == "inpaint":
         if in_ch not in (4, 4 + 1 + cfg.vae.latent_channels):
-            raise ValueError(f"inpaint: the UNet has {in_ch} input channels; expected 4 (blend) "
-                             f"or {5 + cfg.vae.latent_channels} (an inpainting model)")
+            raise UserError(f"inpaint: the UNet has {in_ch} input channels; expected 4 (blend) "
+                            f"or {5 + cfg.vae.latent_channels} (an inpainting model)")
         mask = F.interpolate(job["mask"], size=noise.shape[-2:])
         if in_ch == 4:
-            known = (mask, encode_images(p["vae"], cfg, job["image"], [random.fold_in(k["vae"], 0) for k in keys]))
+            z0 = encode_images(p["vae"], cfg, job["image"], [random.fold_in(k["vae"], 0) for k in keys])
+            blend = inpaint_blend(mask, z0, noise)
         else:
             masked = job["image"] * (job["mask"] < 0.5)
             extra = torch.cat([mask, encode_images(p["vae"], cfg, masked,
                                                    [random.fold_in(k["vae"], 1) for k in keys])], dim=1)
     elif in_ch != cfg.vae.latent_channels:
-        raise ValueError(f"{mode}: the UNet has {in_ch} input channels (an inpainting model?); "
-                         f"use inpaint, or a {cfg.vae.latent_channels}-channel model")
+        raise UserError(f"{mode}: the UNet has {in_ch} input channels (an inpainting model?); "
+                        f"use inpaint, or a {cfg.vae.latent_channels}-channel model")
 
     # x_T: pure noise at the sampler's initial scale, or the init image noised to step `start`.
     if mode == "txt2img" or (mode == "inpaint" and job["strength"] == 1.0):
         x = noise * samplers.init_noise_sigma(name, dcfg, steps)
     else:
-        z0 = known[1] if known is not None else \
-            encode_images(p["vae"], cfg, job["image"], [random.fold_in(k["vae"], 0) for k in keys])
+        if z0 is None:
+            z0 = encode_images(p["vae"], cfg, job["image"], [random.fold_in(k["vae"], 0) for k in keys])
         x = samplers.add_noise(name, dcfg, steps, z0, noise, start)
 
     def model_fn(x_in, t, context):
@@ -209,75 +219,65 @@ def _sample_chunk(p, cfg, o, prompts, negs, job, call, bar, callback):
             x_in = torch.cat([x_in, extra.repeat(x_in.shape[0] // extra.shape[0], 1, 1, 1).to(x_in.dtype)], 1)
         return call(p["unet"], x_in, t, context)
 
-    guided = guidance.classifier_free(model_fn, cond, uncond, float(o.guidance_scale), float(o.guidance_rescale))
-    noise_fn = samplers.noise_fn_from_keys([k["steps"] for k in keys], device=x.device)
+    guided = guidance.classifier_free(model_fn, cond, uncond, o.guidance_scale, o.guidance_rescale)
+    noise_fn = o.noise_fn or samplers.noise_fn_from_keys([k["steps"] for k in keys], device=x.device)
 
     def on_step(info):
-        if known is not None:
-            # diffusers' legacy inpaint: after each step, the known region is the image latents
-            # noised to the step's target level (with the initial noise), exactly at the end.
-            # The sampler's state tensor is updated in place, as a callback_on_step_end would.
-            mask, z0 = known
-            i = info["i"] + 1
-            target = samplers.add_noise(name, dcfg, steps, z0, noise, i) if i < steps else z0
-            info["x"].copy_((1 - mask) * target + mask * info["x"])
         bar.update(1)
-        if callback is not None:
-            callback(info)
+        if o.callback is not None:
+            o.callback(info)
 
-    return samplers.sample(name, guided, x, dcfg, steps, eta=float(o.eta), noise_fn=noise_fn,
-                           callback=on_step, start=start)
+    return samplers.sample(name, guided, x, dcfg, steps, eta=o.eta, noise_fn=noise_fn, callback=on_step,
+                           start=start, step_transform=blend)
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def txt2img(params, cfg, prompts, seeds=None, negative_prompt="", steps=None, sampler=None,
-            guidance_scale=None, guidance_rescale=None, eta=None, height=None, width=None,
-            latents=None, batch_size=None, dtype=None, clip_skip=None, compile=None,
-            output_type="uint8", progress=False, callback=None):
+def txt2img(params, cfg, prompts, seeds=None, *, negative_prompt="", latents=None, options=None, **overrides):
     """Text to image. Returns uint8 [B,H,W,3] (output_type "float": [B,H,W,3] in [0, 1] before
     quantisation; "latent": the final scaled latents [B,C,h,w]).
 
     prompts: a string or a list (one prompt broadcasts to all seeds). seeds: one int per
     image (default cfg.seed + i). latents [N,C,h,w]: the initial noise (as diffusers'
     `latents=`, scaled by the sampler's init_noise_sigma); height and width then follow it.
-    Unset options come from cfg.sample (see options.py). callback(info) runs after each
-    sampler step with info = {i, t, x, x0_hat, ...}; progress=True shows a tqdm bar.
+    options: an options.Options; overrides: any of its fields by name (sampler, steps,
+    guidance_scale, ..., output_type, callback, unet_fn, noise_fn), over options or, without
+    it, over cfg.sample (see options.py).
     """
-    o = options.resolve(cfg, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale, eta=eta, height=height, width=width,
-                        batch_size=batch_size, dtype=dtype, clip_skip=clip_skip, compile=compile)
-    return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "txt2img",
-                output_type=output_type, progress=progress, callback=callback)
+    o = resolve(cfg, options, **overrides)
+    return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "txt2img")
 
 
-def img2img(params, cfg, prompts, init_image, strength=0.8, seeds=None, negative_prompt="", steps=None,
-            sampler=None, guidance_scale=None, guidance_rescale=None, eta=None, latents=None,
-            batch_size=None, dtype=None, clip_skip=None, compile=None, output_type="uint8",
-            progress=False, callback=None):
+def img2img(params, cfg, prompts, init_image, strength=0.8, seeds=None, *, negative_prompt="", latents=None,
+            options=None, **overrides):
     """SDEdit: init_image (uint8 [H,W,3] / [B,H,W,3], PIL, or float [B,3,H,W] in [0, 1]) encoded,
     noised to the step that `strength` selects (diffusers: the last int(steps * strength)
     steps run), then denoised. latents, if given, is the noise added to the image.
-    The output has the init image's size."""
-    o = options.resolve(cfg, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale, eta=eta, batch_size=batch_size, dtype=dtype,
-                        clip_skip=clip_skip, compile=compile)
+    The output has the init image's size (height and width are not options here).
+    Options as txt2img's."""
+    o = resolve(cfg, options, **_sized_by_image(overrides, "img2img"))
     return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "img2img", init_image=init_image,
-                strength=strength, output_type=output_type, progress=progress, callback=callback)
+                strength=strength)
 
 
-def inpaint(params, cfg, prompts, init_image, mask, strength=1.0, seeds=None, negative_prompt="",
-            steps=None, sampler=None, guidance_scale=None, guidance_rescale=None, eta=None, latents=None,
-            batch_size=None, dtype=None, clip_skip=None, compile=None, output_type="uint8",
-            progress=False, callback=None):
+def inpaint(params, cfg, prompts, init_image, mask, strength=1.0, seeds=None, *, negative_prompt="",
+            latents=None, options=None, **overrides):
     """Repaint where mask >= 0.5 (white), keep the rest. A 9-channel inpainting UNet sees
     [x, mask, masked-image latents] at every step (StableDiffusionInpaintPipeline); a
-    4-channel UNet gets the known region blended back in latent space after each step.
+    4-channel UNet gets the known region blended back after each step (inpaint_blend, a
+    step_transform of the sampler; diffusers also blends the predictor point of Heun's and
+    PLMS's two-evaluation steps, we blend whole steps only).
     mask: PIL, uint8 [H,W] (0..255) or float [H,W] / [B,H,W] / [B,1,H,W] in [0, 1], the
-    init image's size. strength < 1 starts from the noised image instead of pure noise."""
-    o = options.resolve(cfg, steps=steps, sampler=sampler, guidance_scale=guidance_scale,
-                        guidance_rescale=guidance_rescale, eta=eta, batch_size=batch_size, dtype=dtype,
-                        clip_skip=clip_skip, compile=compile)
+    init image's size. strength < 1 starts from the noised image instead of pure noise.
+    Options as txt2img's."""
+    o = resolve(cfg, options, **_sized_by_image(overrides, "inpaint"))
     return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "inpaint", init_image=init_image,
-                mask=mask, strength=strength, output_type=output_type, progress=progress, callback=callback)
+                mask=mask, strength=strength)
+
+
+def _sized_by_image(overrides, mode):
+    given = [k for k in ("height", "width") if overrides.get(k) is not None]
+    if given:
+        raise UserError(f"{mode}: {' and '.join(given)} come from the init image; do not pass them")
+    return overrides

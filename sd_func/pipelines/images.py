@@ -15,6 +15,8 @@ import PIL.Image
 import PIL.PngImagePlugin
 import torch
 
+from sd_func.errors import UserError
+
 
 def _as_tensor(x) -> torch.Tensor:
     if isinstance(x, PIL.Image.Image):
@@ -43,13 +45,13 @@ def image_to_tensor(image) -> torch.Tensor:
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"init image: expected uint8 [H,W,3] or [B,H,W,3], got {tuple(x.shape)}")
+            raise UserError(f"init image: expected uint8 [H,W,3] or [B,H,W,3], got {tuple(x.shape)}")
         x = x.permute(0, 3, 1, 2).float() / 255.0
     else:
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"init image: expected a float [B,3,H,W] tensor in [0, 1], got {tuple(x.shape)}")
+            raise UserError(f"init image: expected a float [B,3,H,W] tensor in [0, 1], got {tuple(x.shape)}")
         x = x.float()
     return x * 2.0 - 1.0
 
@@ -73,7 +75,7 @@ def mask_to_tensor(mask) -> torch.Tensor:
     elif m.ndim == 3:
         m = m[:, None]
     if m.ndim != 4 or m.shape[1] != 1:
-        raise ValueError(f"mask: expected one channel ([H,W], [B,H,W] or [B,1,H,W]), got {tuple(m.shape)}")
+        raise UserError(f"mask: expected one channel ([H,W], [B,H,W] or [B,1,H,W]), got {tuple(m.shape)}")
     return (m >= 0.5).float()
 
 

@@ -5,8 +5,11 @@ a CompVis file, a native file or a training workdir (its newest checkpoint, EMA
 weights when cfg.sample.ema) - and the sampling options from the config's `sample`
 section (with its command-line overrides). Prompts run in order, `num_images` each;
 image k of the run uses seed `seed + k` and is written to `<outdir>/{k:05d}.png` with
-its settings in PNG text chunks, then all of them tiled into `grid.png`. Every input
-problem raises a ValueError or FileNotFoundError whose message names it.
+its settings in PNG text chunks, then all of them tiled into `grid.png`. The UNet call
+is built here once, compiled when cfg.sample.compile says so, and handed to the pipeline.
+Every input problem raises a UserError (MissingFileError for a missing file) whose
+one-line message names it, and the ones that need no model (flags, options, --outdir)
+do so before the checkpoint loads.
 """
 
 import os
@@ -15,15 +18,16 @@ import safetensors
 import torch
 
 from sd_func import checkpoint, tree
-from sd_func.pipelines import generate, images, options
+from sd_func.errors import MissingFileError, UserError
+from sd_func.pipelines import generate, images, options, unet_call
 
 
 def load_model(ckpt: str, cfg, device=None):
     """(params on device, merged cfg): the checkpoint's model sections, cfg's others."""
     if not ckpt:
-        raise ValueError("--ckpt is required: a diffusers folder, CompVis file, native file or training workdir")
+        raise UserError("--ckpt is required: a diffusers folder, CompVis file, native file or training workdir")
     if not os.path.exists(ckpt):
-        raise FileNotFoundError(f"--ckpt={ckpt}: checkpoint not found")
+        raise MissingFileError(f"--ckpt={ckpt}: checkpoint not found")
     sample = cfg.get("sample", {})
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = options.torch_dtype(sample.get("dtype", "auto"), device)
@@ -39,32 +43,32 @@ def read_prompts(prompts=(), prompts_file: str | None = None) -> list[str]:
     prompts = list(prompts or ())
     if prompts_file:
         if prompts:
-            raise ValueError("give --prompt or --prompts_file, not both")
+            raise UserError("give --prompt or --prompts_file, not both")
         if not os.path.isfile(prompts_file):
-            raise FileNotFoundError(f"--prompts_file={prompts_file}: file not found")
+            raise MissingFileError(f"--prompts_file={prompts_file}: file not found")
         with open(prompts_file, encoding="utf-8") as fh:
             prompts = [line.strip() for line in fh if line.strip()]
         if not prompts:
-            raise ValueError(f"--prompts_file={prompts_file}: no prompts in the file")
+            raise UserError(f"--prompts_file={prompts_file}: no prompts in the file")
     if not prompts:
-        raise ValueError("no prompt: pass --prompt=... (repeatable) or --prompts_file=FILE")
+        raise UserError("no prompt: pass --prompt=... (repeatable) or --prompts_file=FILE")
     return prompts
 
 
 def read_latents(path: str, n: int, channels: int) -> torch.Tensor:
     """The tensor `latents` [n, channels, h, w] of a safetensors file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--latents={path}: file not found")
+        raise MissingFileError(f"--latents={path}: file not found")
     try:
         with safetensors.safe_open(path, "pt") as fh:
             names = list(fh.keys())
             if "latents" not in names:
-                raise ValueError(f"--latents={path}: no tensor named 'latents' (has {names[:5]})")
+                raise UserError(f"--latents={path}: no tensor named 'latents' (has {names[:5]})")
             x = fh.get_tensor("latents")
     except safetensors.SafetensorError as e:
-        raise ValueError(f"--latents={path}: not a safetensors file ({e})") from e
+        raise UserError(f"--latents={path}: not a safetensors file ({e})") from e
     if x.ndim != 4 or x.shape[0] != n or x.shape[1] != channels:
-        raise ValueError(f"--latents={path}: latents have shape {tuple(x.shape)}, expected "
+        raise UserError(f"--latents={path}: latents have shape {tuple(x.shape)}, expected "
                          f"[{n}, {channels}, h, w] for {n} images")
     return x.float()
 
@@ -74,15 +78,22 @@ def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: i
         mask: str | None = None, strength: float | None = None, progress: bool = True) -> list[str]:
     """Generate and write the images; returns the paths written (grid.png last)."""
     if num_images < 1:
-        raise ValueError(f"--num_images={num_images}: expected >= 1")
+        raise UserError(f"--num_images={num_images}: expected >= 1")
     if mask and not init_image:
-        raise ValueError("--mask needs --init_image (the image to inpaint)")
+        raise UserError("--mask needs --init_image (the image to inpaint)")
     if strength is not None and not init_image:
-        raise ValueError("--strength needs --init_image (img2img or inpaint)")
-    o = options.resolve(cfg)  # bad sampler/steps/size fail here, before the checkpoint loads
+        raise UserError("--strength needs --init_image (img2img or inpaint)")
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise UserError(f"--outdir={outdir}: exists and is not a folder")
+    # Bad sampler/steps/size/compile values fail here, before the checkpoint loads.
+    options.resolve(cfg)
+    compile = cfg.get("sample", {}).get("compile", False)
+    unet_call.backend_of(compile)
     params, cfg = load_model(ckpt, cfg)
+    # Resolved again: default sizes follow the checkpoint's UNet.
+    o = options.resolve(cfg, progress=progress, unet_fn=unet_call.make_unet_fn(cfg.unet, compile))
     jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
-    kw = dict(seeds=[s for _, s in jobs], negative_prompt=negative_prompt, progress=progress)
+    kw = dict(seeds=[s for _, s in jobs], negative_prompt=negative_prompt, options=o)
     if latents:
         kw["latents"] = read_latents(latents, len(jobs), cfg.vae.latent_channels)
     job_prompts = [p for p, _ in jobs]
@@ -98,7 +109,7 @@ def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: i
         else:
             m = images.load_mask(_exists(mask, "--mask"))
             if tuple(m.shape) != tuple(image.shape[:2]):
-                raise ValueError(f"--mask={mask} is {m.shape[0]}x{m.shape[1]} but --init_image={init_image} "
+                raise UserError(f"--mask={mask} is {m.shape[0]}x{m.shape[1]} but --init_image={init_image} "
                                  f"is {image.shape[0]}x{image.shape[1]}: they must be the same size")
             strength = 1.0 if strength is None else strength
             out = generate.inpaint(params, cfg, job_prompts, image, m, strength=strength, **kw)
@@ -121,5 +132,5 @@ def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: i
 
 def _exists(path: str, flag: str) -> str:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{flag}={path}: file not found")
+        raise MissingFileError(f"{flag}={path}: file not found")
     return path
