@@ -10,7 +10,8 @@ context, NeMo's fast path) -> posterior sample * scaling_factor -> q(x_t|x0) at 
 timesteps -> UNet -> eps MSE -> backward -> global-norm clip 1.0 -> AdamW -> EMA, with
 cond dropout 0.1 and the same autocast precision (fp32 master weights).
 
-- sd_func_compiled / sd_func_eager: train.step.make_train_step with cfg.train.compile on/off.
+- sd_func_compiled / sd_func_eager: train.unet_stage.make_train_step (train.step.make_step with
+  the UNet stage's loss) with cfg.train.compile on/off.
 - diffusers_eager: UNet2DConditionModel + loss.backward() + clip_grad_norm_(foreach) +
   torch.optim.AdamW(foreach=True) + an in-place foreach EMA (what diffusers'
   train_text_to_image.py does); diffusers_compiled: the same with torch.compile(unet).
@@ -30,11 +31,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import shapes, tiny, txt2img  # noqa: E402
-from sd_func import random, tree  # noqa: E402
-from sd_func.models import autoencoder, text_encoder, unet  # noqa: E402
-from sd_func.train import state as train_state  # noqa: E402
-from sd_func.train import step as train_step  # noqa: E402
+from configs import shapes, tiny, txt2img
+from sd_func import backend, random, tree
+from sd_func.models import autoencoder, text_encoder, unet
+from sd_func.train import unet_stage
 
 MODES = ("sd_func_compiled", "sd_func_eager", "diffusers_eager", "diffusers_compiled")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,7 +73,7 @@ def make_batches(cfg, args, device, frozen):
     """`steps + warmup` batches: fixed images/ids or moments/context plus step_inputs."""
     b, r = args.batch, cfg.data.resolution
     g = torch.Generator().manual_seed(0)
-    shape, n_tok = train_step.latent_shape(cfg), context_length(cfg)
+    shape, n_tok = unet_stage.latent_shape(cfg), context_length(cfg)
     if args.inputs == "images":
         data = {"images": torch.rand(b, 3, r, r, generator=g) * 2 - 1,
                 "input_ids": torch.randint(0, cfg.text_encoder.vocab_size - 2, (b, n_tok), generator=g)}
@@ -83,15 +83,16 @@ def make_batches(cfg, args, device, frozen):
     data = tree.to(data, device=device)
     out = []
     for s in range(args.steps + args.warmup):
-        out.append({**data, **train_step.step_inputs(cfg, random.key(0), s, range(b), shape, device=device)})
+        out.append({**data, **unet_stage.step_inputs(cfg, random.key(0), s, range(b), shape, device=device)})
     return out
 
 
 def sd_func_mode(cfg, params, frozen, batches, compiled: bool, backend: str = "inductor"):
     cfg = cfg.copy_and_resolve_references()
     cfg.train.compile = compiled
-    fn = train_step.make_train_step(cfg, world=1, backend=backend)
-    state = {"s": train_state.init_state(cfg, params["unet"])}
+    init, tx, lay = unet_stage.init(cfg, params["unet"])
+    fn = unet_stage.make_train_step(cfg, tx, lay, world=1, backend=backend)
+    state = {"s": init}
 
     def step(batch):
         state["s"], metrics = fn(state["s"], frozen, batch)
@@ -108,12 +109,13 @@ def diffusers_mode(cfg, params, frozen, batches, compiled: bool, device, backend
     if "vae" in frozen:
         vae = AutoencoderKL.from_config(autoencoder.to_diffusers_config(cfg.vae)).to(device).eval()
         import transformers
-        te = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_encoder.to_diffusers_config(cfg.text_encoder)))
+        te_config = transformers.CLIPTextConfig(**text_encoder.to_diffusers_config(cfg.text_encoder))
+        te = transformers.CLIPTextModel(te_config)
         te = te.to(device).eval()
     sched = DDPMScheduler(**{k: v for k, v in cfg.diffusion.to_dict().items()
                              if k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
                                       "prediction_type")})
-    weights = [p for p in model.parameters()]
+    weights = list(model.parameters())
     decay = [p for n, p in model.named_parameters() if not n.endswith("bias") and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n]
     t = cfg.train
@@ -207,6 +209,7 @@ def main():
     cfg = get_config(args.preset)
     cfg.train.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     cfg.train.update(warmup=0, grad_clip=1.0, cond_drop=0.1)
+    backend.set_matmul_precision(cfg.train.precision)  # as the training loop does, for every mode
     params = {"unet": tree.to(unet.init(random.key(0), cfg.unet), device=device)}
     te = tree.to(text_encoder.init(random.key(2), cfg.text_encoder), device=device)
     bos, eos = cfg.text_encoder.vocab_size - 2, cfg.text_encoder.vocab_size - 1  # CLIP: eos pads

@@ -38,7 +38,8 @@ def get_config(arg=None):
         sample_size=64, scaling_factor=1.0)  # scaling_factor is set by the VAE stage
     c.vae_train = ml_collections.ConfigDict(dict(
         steps=600, batch_size=16, lr=2e-3, lr_schedule="constant", warmup=50, kl_weight=1e-4,
-        compile=False, checkpoint_every=200, log_every=100))
+        adam_b1=0.9, adam_b2=0.999, adam_eps=1e-8, weight_decay=0.0, weight_decay_exclude="", grad_clip=1.0,
+        precision="fp32", compile=False, checkpoint_every=200, log_every=100))
 
     c.text_encoder = text_encoder.config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

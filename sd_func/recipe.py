@@ -21,14 +21,14 @@ import torch
 from sd_func import checkpoint, tree
 from sd_func.checkpoint import training as checkpoints
 from sd_func.eval import prompts as eval_prompts
-from sd_func.train import distributed, loop, vae_stage
+from sd_func.train import checks, distributed, loop, vae_stage
 
 
 def _rank() -> int:
     return distributed.launch_rank()
 
 
-def autoencoder_stage(cfg, workdir: str, log=print) -> str:
+def autoencoder_stage(cfg, workdir: str, log=print, compile_backend: str = "inductor") -> str:
     """Train the VAE (rank 0; other ranks wait) and return the stage-2 init checkpoint path."""
     path = os.path.join(workdir, "vae", "init.safetensors")
     if os.path.isfile(path):
@@ -38,7 +38,7 @@ def autoencoder_stage(cfg, workdir: str, log=print) -> str:
             time.sleep(2.0)
         return path
     params, cfg_init = loop.init_params(cfg)
-    vae, scaling = vae_stage.run(cfg, workdir, params["vae"], log=log)
+    vae, scaling = vae_stage.run(cfg, workdir, params["vae"], log=log, compile_backend=compile_backend)
     params["vae"] = vae
     cfg_init = cfg_init.copy_and_resolve_references()
     cfg_init.vae.scaling_factor = scaling
@@ -47,10 +47,15 @@ def autoencoder_stage(cfg, workdir: str, log=print) -> str:
 
 
 def run(cfg, workdir: str, compile_backend: str = "inductor", log=print) -> dict:
-    """All stages of cfg in workdir; returns the evaluation result ({} without cfg.eval)."""
+    """All stages of cfg in workdir; returns the evaluation result ({} without cfg.eval).
+
+    The config is validated first (train.checks.validate: a bad value is a one-line
+    UserError before any model is built or data read).
+    """
+    checks.validate(cfg)
     workdir = os.path.abspath(workdir)
     if "vae_train" in cfg and int(cfg.vae_train.steps) > 0 and not cfg.get("init_from", ""):
-        init = autoencoder_stage(cfg, workdir, log=log)
+        init = autoencoder_stage(cfg, workdir, log=log, compile_backend=compile_backend)
         cfg = cfg.copy_and_resolve_references()
         with cfg.unlocked():
             cfg.init_from = init

@@ -51,8 +51,8 @@ def test_config_that_does_not_load_is_one_line(bad_configs, prog, name, expect):
 
 
 @pytest.mark.parametrize("args, expect", [
-    (["--config=configs/tiny.py:nonsense"],
-     "configs/tiny.py:nonsense: get_config failed: ValueError: unknown variant 'nonsense': this config has no variants"),
+    (["--config=configs/tiny.py:nonsense"], "configs/tiny.py:nonsense: get_config failed: "
+                                            "ValueError: unknown variant 'nonsense': this config has no variants"),
     (["--config=configs/shapes.py:huge"], "configs/shapes.py:huge: get_config failed: ValueError: unknown variant"),
     (["--config=configs/nope.py"], "--config=configs/nope.py: no such config file 'configs/nope.py'"),
     (["--config=configs/tiny.py", "--config.train.nosuch=1"], "--config.train.nosuch: no such field in the config"),

@@ -27,7 +27,7 @@ from sd_func.checkpoint.files import CheckpointError, CheckpointNotFoundError
 
 META = "checkpoint.json"
 TMP_PREFIX = "tmp-"
-FORMAT = "sd_func.train/1"
+FORMAT = "sd_func.train/2"  # 2: the optimizer state is a chain of transforms (train.state)
 # Config sections that fix the parameter shapes: a resume must not change them.
 ARCHITECTURE = ("unet", "vae", "text_encoder")
 NOT_ARCHITECTURE = {"tokenizer"}  # a path or hub id: may move between runs
@@ -126,17 +126,22 @@ def load_tree(ckpt: str, name: str) -> dict:
     return tree.unflatten(flat)
 
 
-def restore_like(ckpt: str, name: str, like):
+def restore_like(ckpt: str, name: str, like, optional: str | None = None):
     """The stored tree `name`, in the structure, dtypes and devices of `like`.
 
     Filling a freshly initialised tree keeps its key order and placement, so the
-    compiled step sees exactly the structure it was traced with.
+    compiled step sees exactly the structure it was traced with. `optional`: a path
+    prefix (e.g. the fp16 "loss_scale/") whose leaves may be missing from the file
+    (`like`'s are kept) or extra in it (ignored).
     """
     f = os.path.join(ckpt, f"{name}.safetensors")
     flat = _read(ckpt, name)
     if not isinstance(like, dict):
         return flat["value"].to(device=like.device, dtype=like.dtype)
     want = tree.flatten(like)
+    if optional:
+        flat = {k: v for k, v in flat.items() if k in want or not k.startswith(optional)}
+        flat.update({k: v for k, v in want.items() if k.startswith(optional) and k not in flat})
     missing, unexpected, wrong = tree.diff(want, flat)
     if missing or unexpected or wrong:
         raise CheckpointError(f"{f} does not match the model: missing={missing[:5]} "

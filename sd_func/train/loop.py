@@ -6,11 +6,16 @@ the script holds only flags). Parameters come from `cfg.init_from` (any checkpoi
 from a random init keyed by cfg.seed. The UNet (and, with
 cfg.train.train_text_encoder, the text encoder) trains; the VAE and text encoder
 are frozen. Each step's batch is this rank's slice of the global batch, plus the
-per-example noise, timesteps and dropout flags of `step.step_inputs`, which depend
+per-example noise, timesteps and dropout flags of `unet_stage.step_inputs`, which depend
 only on (seed, step, global example index): so 1 or N processes, and a run resumed
 from a checkpoint, compute the same updates. Rank 0 alone writes checkpoints,
 metrics and samples. A workdir that already holds a checkpoint is resumed from its
-newest complete one.
+newest complete one: the run logs "resumed from step N" and runs the remaining steps only.
+
+Process-wide switches are set here, once: `sd_func.backend.set_matmul_precision(
+config.train.precision)` at start (the step factory has no process-wide side effect).
+Bad config values stop the run before anything is built (train.checks.validate), and a
+loss or parameter norm that stops being finite raises train.checks.TrainingDiverged.
 """
 
 import json
@@ -25,13 +30,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sd_func import checkpoint, data, pipelines, random, tree
-from sd_func.models import autoencoder, text_encoder, tokenizer, unet
+from sd_func import backend, checkpoint, data, pipelines, random, tree
 from sd_func.checkpoint import training as checkpoints
-from sd_func.train import distributed
+from sd_func.errors import UserError
+from sd_func.models import autoencoder, text_encoder, tokenizer, unet
+from sd_func.train import checks, distributed, unet_stage
 from sd_func.train import logging as train_logging
 from sd_func.train import state as train_state
-from sd_func.train import step as train_step_lib
 
 _INIT_TAG = 0x1A17   # init keys: apart from the step noise and the data keys of the same seed
 _STEP_TAG = 0x57E9
@@ -80,27 +85,11 @@ def _gather(obj, world: int) -> list:
 def _save(workdir, step, state, frozen_models, source, cfg, world, main):
     positions = _gather(source.state(), world)  # every rank's data position (streams differ)
     if main:
-        trees = {k: v for k, v in state.items() if isinstance(v, dict)}
-        trees["state"] = {k: v for k, v in state.items() if not isinstance(v, dict)}
+        trees = train_state.checkpoint_trees(state)
         trees["frozen"] = frozen_models
         meta = {"data": {"ranks": positions}, "world": world, "config": checkpoints.config_json(cfg)}
         checkpoints.save(workdir, step, trees, meta, keep=int(cfg.train.keep_checkpoints))
     distributed.barrier()
-
-
-def _restore_state(ckpt: str, state: dict) -> dict:
-    stored = set(checkpoints.read_meta(ckpt)["files"])
-    out = {}
-    scalars = {k: v for k, v in state.items() if not isinstance(v, dict)}
-    restored = checkpoints.restore_like(ckpt, "state", scalars) if scalars else {}
-    for k, v in state.items():
-        if not isinstance(v, dict):
-            out[k] = restored[k]
-        elif k == "loss_scale" and k not in stored:  # precision changed to fp16: a fresh scale
-            out[k] = v
-        else:
-            out[k] = checkpoints.restore_like(ckpt, k, v)
-    return out
 
 
 def sample_grid(state: dict, frozen_models: dict, cfg, workdir: str, step: int) -> str:
@@ -125,8 +114,9 @@ def _prepare(batch: dict, step: int, key: int, cfg, tok, shape, device) -> tuple
     captions = batch.pop("captions", None)
     out = {k: v.to(device) for k, v in batch.items() if torch.is_tensor(v) and k != "index"}
     if "images" in out:
-        out["input_ids"] = tokenizer.encode(tok, captions, max_length=tokenizer.max_length(tok, cfg.text_encoder)).to(device)
-    out.update(train_step_lib.step_inputs(cfg, key, step, batch["index"].tolist(), shape, device=device))
+        max_length = tokenizer.max_length(tok, cfg.text_encoder)
+        out["input_ids"] = tokenizer.encode(tok, captions, max_length=max_length).to(device)
+    out.update(unet_stage.step_inputs(cfg, key, step, batch["index"].tolist(), shape, device=device))
     return out, skipped
 
 
@@ -135,12 +125,12 @@ def _latent_shape(cfg, source) -> tuple:
     if isinstance(ds, dict) and "moments_shape" in ds:  # precached latents: the stored shape
         c2, h, w = ds["moments_shape"][-3:]
         return (c2 // 2, h, w)
-    return train_step_lib.latent_shape(cfg)
+    return unet_stage.latent_shape(cfg)
 
 
 def _frozen_inputs(cfg, frozen_models: dict, source, tok, device) -> dict:
     """What the step takes besides the state: frozen nets, the empty prompt for cond_drop."""
-    frozen = {k: v for k, v in frozen_models.items()}
+    frozen = dict(frozen_models)
     if tok is not None:
         frozen["uncond_ids"] = tokenizer.encode(tok, [""], max_length=tokenizer.max_length(tok, cfg.text_encoder))[0]
     empty = getattr(source, "empty_context", None)
@@ -171,7 +161,7 @@ def _check_finite(row: dict, step: int, cfg, workdir: str) -> None:
         return  # fp16: a non-finite step is skipped and counted by the loss scaler
     if bad:
         last = checkpoints.latest(workdir)
-        raise FloatingPointError(
+        raise checks.TrainingDiverged(
             f"training diverged at step {step}: {', '.join(f'{k}={row[k]}' for k in bad)} "
             f"(lr={row.get('lr')}, grad_norm={row.get('grad_norm')}); last checkpoint: {last}. "
             "Lower config.train.lr, raise warmup or use precision=fp32 and resume.")
@@ -183,10 +173,12 @@ def train(cfg, workdir: str, *, compile_backend: str = "inductor") -> dict:
     compile_backend: torch.compile's backend when cfg.train.compile (tests use "aot_eager":
     the same single Dynamo/AOTAutograd graph without inductor's minutes of C++ codegen).
     """
+    checks.validate(cfg)
     world = distributed.launch_world_size()  # checked before a rendezvous could hang
     if int(cfg.train.batch_size) % world:
-        raise ValueError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the "
-                         f"world size {world}")
+        raise UserError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the "
+                        f"world size {world}")
+    backend.set_matmul_precision(cfg.train.precision)
     rank, world, device = distributed.init()
     try:
         return _train(cfg, workdir, rank, world, device, compile_backend)
@@ -199,7 +191,7 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     tcfg = cfg.train
     global_batch, total = int(tcfg.batch_size), int(tcfg.steps)
     if global_batch % world:
-        raise ValueError(f"config.train.batch_size={global_batch} is not divisible by the world size {world}")
+        raise UserError(f"config.train.batch_size={global_batch} is not divisible by the world size {world}")
     workdir = os.path.abspath(workdir)
     if main:
         os.makedirs(workdir, exist_ok=True)
@@ -227,10 +219,10 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     params = tree.to(params, device=device)
 
     train_te = bool(tcfg.get("train_text_encoder", False))
-    state = train_state.init_state(cfg, params["unet"], params["text_encoder"] if train_te else None)
+    state, tx, lay = unet_stage.init(cfg, params["unet"], params["text_encoder"] if train_te else None)
     frozen_models = {k: params[k] for k in _MODELS if k in params and k not in state["params"]}
     if ckpt is not None:
-        state = _restore_state(ckpt, state)
+        state = train_state.restore(ckpt, state)
 
     if meta is not None and meta.get("data"):
         source.restore(meta["data"])
@@ -240,19 +232,20 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     frozen = _frozen_inputs(cfg, frozen_models, source, tok, device)
     shape = _latent_shape(cfg, source)
     step_key = root_keys(cfg.seed)[1]
-    step_fn = train_step_lib.make_train_step(cfg, world, backend=compile_backend)
+    step_fn = unet_stage.make_train_step(cfg, tx, lay, world=world, backend=compile_backend)
 
     writer = None
     if main:
         with open(os.path.join(workdir, "config.json"), "w") as fh:
             fh.write(cfg.to_json_best_effort(indent=1, sort_keys=True))
         writer = train_logging.Writer(workdir, start_step=start)
-        what = f"resuming from {ckpt}" if ckpt else "starting from " + (cfg.get("init_from") or "random init")
+        what = f"resumed from step {start} ({ckpt})" if ckpt else "starting from " + (
+            cfg.get("init_from") or "random init")
         tqdm.write(f"sd_func train: {what}; {tree.num_params(state['params']) / 1e6:.2f}M trained params, "
                    f"global batch {global_batch} over {world} process(es), device {device}")
 
     bar = tqdm(total=total, initial=start, disable=not main, dynamic_ncols=True, desc="train")
-    history, skipped_data, t0, n0 = [], 0, time.perf_counter(), start
+    history, skipped_data, t0, n0, executed = [], 0, time.perf_counter(), start, 0
     saved = start if ckpt is not None else -1
     log_every, ckpt_every = int(tcfg.log_every or 0), int(tcfg.checkpoint_every or 0)
     sample_every = int(tcfg.sample_every or 0)
@@ -261,6 +254,7 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
             batch, skipped = _prepare(source.batch(s, global_batch), s, step_key, cfg, tok, shape, device)
             skipped_data += skipped
             state, metrics = step_fn(state, frozen, batch)
+            executed += 1
             history.append(metrics)
             done = s + 1
             bar.update(1)
@@ -283,6 +277,8 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
                 writer.image(done, "samples", _read_png(path))
         if saved != total and total > start:
             _save(workdir, total, state, frozen_models, source, cfg, world, main)
+        if main:
+            tqdm.write(f"sd_func train: ran {executed} steps, {start} -> {start + executed}")
     finally:
         bar.close()
         if writer is not None:

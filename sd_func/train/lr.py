@@ -10,12 +10,15 @@ reaching the peak at s = warmup. After warmup:
 - "cosine":   half-cosine from the peak to `lr_min` at `steps` (Loshchilov & Hutter 2017),
 - "linear":   straight line from the peak to `lr_min` at `steps`.
 
-`tcfg` is `cfg.train`: lr, lr_schedule, warmup, steps and optional lr_min (default 0).
+`tcfg` is `cfg.train` (or `cfg.vae_train`): lr, lr_schedule, warmup, steps and optional
+lr_min (default 0).
 """
 
 import math
 
 import torch
+
+from sd_func.errors import UserError
 
 SCHEDULES = ("constant", "cosine", "linear")
 
@@ -25,11 +28,14 @@ def schedule(tcfg, step) -> torch.Tensor:
     return schedule_fn(tcfg)(step)
 
 
-def schedule_fn(tcfg):
-    """`step -> lr` with the config read now (plain Python values; safe to trace)."""
+def schedule_fn(tcfg, section: str = "config.train"):
+    """`step -> lr` with the config read now (plain Python values; safe to trace).
+
+    section: the config key of tcfg, for the error message (cfg.vae_train has the same fields).
+    """
     kind = tcfg.lr_schedule
     if kind not in SCHEDULES:
-        raise ValueError(f"cfg.train.lr_schedule={kind!r}: expected one of {SCHEDULES}")
+        raise UserError(f"{section}.lr_schedule={kind!r}: expected one of {SCHEDULES}")
     peak, warmup, total = float(tcfg.lr), int(tcfg.warmup), int(tcfg.steps)
     lr_min = float(tcfg.get("lr_min", 0.0) or 0.0)
     return lambda step: _lr(kind, peak, warmup, total, lr_min, step)

@@ -1,85 +1,196 @@
-"""Functional AdamW (Loshchilov & Hutter 2019) over parameter pytrees.
+"""The optimizer as composable pure transforms over one flat float32 vector (optax style).
 
-The optimizer state is a plain dict {"mu": tree, "nu": tree} (first and second
-moments, float32, same paths as the params). `adamw` reproduces
-torch.optim.AdamW's arithmetic (decoupled decay p *= 1 - lr*wd, bias-corrected
-moments, eps added to the corrected sqrt(nu)) with torch._foreach_* ops, so the
-eager step launches a few multi-tensor kernels instead of ~10 per tensor and the
-compiled step fuses it all. Weight decay applies to the leaves whose path does
-NOT fully match `weight_decay_exclude` (a regex over "unet/down_blocks/0/..."
-paths; big_vision-style rules through sd_func.tree). Global-norm clipping as
-torch.nn.utils.clip_grad_norm_ (coefficient max_norm / (norm + 1e-6), capped at 1).
+A transform is `Transform(name, init, update)` with `init(params) -> state` and
+`update(grads, state, params, step) -> (updates, state)`, where params, grads and
+updates are 1-d float32 vectors in a `Layout`'s order and state is a plain dict of
+tensors; `apply_updates(params, updates) = params + updates`. `chain(*ts)` runs them
+in order, its state a dict keyed by the names of the transforms that keep state. The
+ones sd_func trains with (optax's names and arithmetic):
 
-Two forms of the same arithmetic: over lists of leaves (`adamw`, foreach ops), and over
-one flat float32 vector per tree (`Layout`, `flatten`, `unflatten`, `adamw_flat`), which
-the train step uses: a few fused kernels for any number of parameters, and a compiled
-graph whose size does not grow with the parameter count (per-leaf foreach ops made
-inductor's scheduler take minutes for a UNet's ~700 tensors). The flat layout puts the
-weight-decayed leaves first, so decay is one slice.
+- `clip_by_global_norm(max_norm)`: torch.nn.utils.clip_grad_norm_'s rule, coefficient
+  max_norm / (norm + 1e-6) capped at 1 (no-op for max_norm <= 0);
+- `adamw(lr_fn, b1, b2, eps, weight_decay, n_decay)`: AdamW (Loshchilov & Hutter 2019)
+  with torch.optim.AdamW's arithmetic (bias-corrected moments, eps added to the
+  corrected sqrt(nu), decay p * lr * wd decoupled from the gradient) and its own
+  update count, decaying only the first `n_decay` elements;
+- `dynamic_loss_scale(inner, init_scale, window)`: the fp16 loss scale of
+  Micikevicius et al. 2018 (apex/torch.amp's GradScaler rule) as a wrapper, like
+  optax.apply_if_finite: a non-finite gradient skips the inner update (zero updates,
+  inner state kept, selected with torch.where inside the graph, no host sync) and
+  halves the scale; `window` finite steps in a row double it.
+
+`ema(ema, params, decay)` is the exponential moving average (one lerp).
+
+Why one flat vector per tree (`Layout`, `flatten`, `unflatten`): the optimizer is a few
+elementwise kernels whatever the parameter count, and the compiled graph does not grow
+with it (per-leaf foreach ops made inductor's scheduler take minutes for a UNet's ~700
+tensors). The layout puts the weight-decayed leaves first (those whose path does NOT
+match the `weight_decay_exclude` regex, big_vision-style rules through sd_func.tree),
+so the decay mask is the slice [0, n_decay). State dicts hold two kinds of leaves:
+vectors shaped like the flat params (AdamW's mu, nu) and scalars (counts, the loss
+scale); `state_to_trees` / `state_to_flat` turn the first kind into per-path trees
+and back, which is what the train state and its checkpoints hold.
 """
 
+import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from sd_func import tree
+from sd_func.errors import UserError
+from sd_func.train import lr as lr_lib
 
 
-def init(params: dict) -> dict:
-    """Zero first and second moments, float32, on the params' devices."""
-    zeros = lambda p: torch.zeros_like(p, dtype=torch.float32)
-    return {"mu": tree.tree_map(zeros, params), "nu": tree.tree_map(zeros, params)}
+class Transform(NamedTuple):
+    """A pure gradient transformation; `name` keys its state inside a chain."""
+    name: str
+    init: Callable      # (params) -> state dict
+    update: Callable    # (grads, state, params, step) -> (updates, state dict)
 
 
-def decay_mask(params: dict, exclude: str | None) -> dict:
-    """A tree of Python bools: True where weight decay applies (path not matching `exclude`)."""
-    rules = [(exclude, False)] if exclude else []
-    return tree.map_with_path(lambda p, _: bool(tree.match(rules, p, True)), params)
+def apply_updates(params: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+    return params + updates
 
 
-def global_norm(leaves: list) -> torch.Tensor:
-    """sqrt(sum of squares) of a list of tensors, float32, via one foreach norm."""
-    if not leaves:
-        return torch.zeros(())
-    norms = torch._foreach_norm([x.float() for x in leaves])
-    return torch.linalg.vector_norm(torch.stack(norms))
+def global_norm(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(sum of squares) of a flat vector, as clip_grad_norm_ computes it."""
+    return torch.linalg.vector_norm(x)
 
 
-def clip_by_global_norm(grads: list, norm: torch.Tensor, max_norm: float) -> list:
-    """Scale grads so their global norm is at most max_norm (no-op when max_norm <= 0)."""
-    if not max_norm or max_norm <= 0:
-        return grads
-    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return torch._foreach_mul(grads, coef)
-
-
-def adamw(params: list, grads: list, mu: list, nu: list, decay: list, count, lr, *,
-          b1: float, b2: float, eps: float, weight_decay: float):
-    """One AdamW update over aligned leaf lists; returns (params, mu, nu) as new lists.
-
-    count: the 1-based update count (0-d tensor) for bias correction; lr: 0-d tensor;
-    decay: one bool per leaf (weight decay on/off).
-    """
-    mu = torch._foreach_lerp(mu, grads, 1.0 - b1)
-    nu = torch._foreach_addcmul(torch._foreach_mul(nu, b2), grads, grads, value=1.0 - b2)
-    count = count.to(torch.float32)
-    step_size = lr / (1.0 - b1**count)
-    bc2_sqrt = torch.sqrt(1.0 - b2**count)
-    denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(nu), bc2_sqrt), eps)
-    direction = torch._foreach_mul(torch._foreach_div(mu, denom), step_size)
-    if weight_decay:
-        idx = [i for i, d in enumerate(decay) if d]
-        if idx:
-            shrunk = torch._foreach_mul([params[i] for i in idx], 1.0 - lr * weight_decay)
-            params = list(params)
-            for i, p in zip(idx, shrunk):
-                params[i] = p
-    return torch._foreach_sub(params, direction), mu, nu
-
-
-def ema(ema_leaves: list, params: list, decay: float) -> list:
+def ema(ema_params: torch.Tensor, params: torch.Tensor, decay: float) -> torch.Tensor:
     """Exponential moving average: ema + (1 - decay) * (params - ema)."""
-    return torch._foreach_lerp(ema_leaves, params, 1.0 - decay)
+    return torch.lerp(ema_params, params, 1.0 - decay)
+
+
+def chain(*transforms: Transform) -> Transform:
+    """Apply transforms in order; state = {name: state} of those that keep state."""
+    names = [t.name for t in transforms]
+    if len(set(names)) != len(names):
+        raise ValueError(f"optim.chain: transform names must be unique, got {names}")
+
+    def init(params):
+        states = {t.name: t.init(params) for t in transforms}
+        return {k: s for k, s in states.items() if s}
+
+    def update(grads, state, params, step):
+        new = {}
+        for t in transforms:
+            grads, s = t.update(grads, state.get(t.name, {}), params, step)
+            if s:
+                new[t.name] = s
+        return grads, new
+
+    return Transform("chain", init, update)
+
+
+def clip_by_global_norm(max_norm: float) -> Transform:
+    """Scale the gradient so its global norm is at most max_norm (no-op when max_norm <= 0)."""
+    max_norm = float(max_norm)
+
+    def update(grads, state, params, step):
+        if max_norm <= 0:
+            return grads, state
+        return grads * torch.clamp(max_norm / (global_norm(grads) + 1e-6), max=1.0), state
+
+    return Transform("clip", lambda params: {}, update)
+
+
+def adamw(lr_fn: Callable, *, b1: float, b2: float, eps: float, weight_decay: float,
+          n_decay: int) -> Transform:
+    """AdamW as torch.optim.AdamW computes it; decay on params[:n_decay] only.
+
+    lr_fn(step) -> 0-d lr tensor (sd_func.train.lr); step is the train state's step, so
+    the schedule counts skipped fp16 steps, while the bias correction uses this
+    transform's own count of applied updates (as torch's per-parameter "step").
+    """
+    b1, b2, eps, weight_decay, n_decay = float(b1), float(b2), float(eps), float(weight_decay), int(n_decay)
+
+    def init(params):
+        return {"count": torch.zeros((), dtype=torch.int64, device=params.device),
+                "mu": torch.zeros_like(params), "nu": torch.zeros_like(params)}
+
+    def update(grads, state, params, step):
+        count = state["count"] + 1
+        lr = lr_fn(step)
+        mu = torch.lerp(state["mu"], grads, 1.0 - b1)
+        nu = torch.addcmul(state["nu"] * b2, grads, grads, value=1.0 - b2)
+        c = count.to(torch.float32)
+        step_size = lr / (1.0 - b1**c)
+        denom = torch.sqrt(nu) / torch.sqrt(1.0 - b2**c) + eps
+        updates = (-step_size) * (mu / denom)  # negate the 0-d factor: no extra pass over the vector
+        if weight_decay and n_decay:  # decoupled: -lr * wd * p, on the decayed slice only
+            updates = torch.cat([updates[:n_decay] - (lr * weight_decay) * params[:n_decay], updates[n_decay:]])
+        return updates, {"count": count, "mu": mu, "nu": nu}
+
+    return Transform("adamw", init, update)
+
+
+LOSS_SCALE = "loss_scale"
+
+
+def dynamic_loss_scale(inner: Transform, *, init_scale: float, window: int) -> Transform:
+    """Skip non-finite steps of `inner` and adapt the fp16 loss scale (see the module docstring).
+
+    The caller multiplies the loss by `loss_scale(state)` and divides the gradient by it
+    before `update`. State: inner's dict plus {"loss_scale": {"scale": f32, "good_steps":
+    i64, "skipped": i64}}. A skipped step returns zero updates and keeps inner's state.
+    """
+    init_scale, window = float(init_scale), int(window)
+
+    def init(params):
+        state = inner.init(params)
+        if LOSS_SCALE in state:
+            raise ValueError(f"optim.dynamic_loss_scale: the inner state already has {LOSS_SCALE!r}")
+        zero = torch.zeros((), dtype=torch.int64, device=params.device)
+        return dict(state, **{LOSS_SCALE: {
+            "scale": torch.tensor(init_scale, dtype=torch.float32, device=params.device),
+            "good_steps": zero, "skipped": zero.clone()}})
+
+    def update(grads, state, params, step):
+        ls = state[LOSS_SCALE]
+        inner_state = {k: v for k, v in state.items() if k != LOSS_SCALE}
+        finite = torch.isfinite(global_norm(grads))
+        updates, new_inner = inner.update(grads, inner_state, params, step)
+        updates = torch.where(finite, updates, 0.0)
+        new_inner = tree.tree_map(lambda n, o: torch.where(finite, n, o), new_inner, inner_state)
+        good = torch.where(finite, ls["good_steps"] + 1, torch.zeros_like(ls["good_steps"]))
+        grow = good >= window
+        scale = torch.where(finite, torch.where(grow, ls["scale"] * 2.0, ls["scale"]), ls["scale"] * 0.5)
+        new_ls = {"scale": scale, "good_steps": torch.where(grow, torch.zeros_like(good), good),
+                  "skipped": ls["skipped"] + (~finite).to(ls["skipped"].dtype)}
+        return updates, dict(new_inner, **{LOSS_SCALE: new_ls})
+
+    return Transform(inner.name, init, update)
+
+
+def loss_scale(state: dict) -> torch.Tensor | None:
+    """The current fp16 loss scale of an optimizer state, or None without one."""
+    return state[LOSS_SCALE]["scale"] if LOSS_SCALE in state else None
+
+
+def skipped_steps(state: dict) -> torch.Tensor | None:
+    """How many steps the loss scale skipped (int64 0-d), or None without a loss scale."""
+    return state[LOSS_SCALE]["skipped"] if LOSS_SCALE in state else None
+
+
+def from_config(tcfg, lay: "Layout", section: str = "config.train") -> Transform:
+    """The optimizer of a train config section (cfg.train or cfg.vae_train) for `lay`.
+
+    chain(clip_by_global_norm(grad_clip), adamw(schedule, adam_b1, adam_b2, adam_eps,
+    weight_decay)), wrapped in dynamic_loss_scale(loss_scale_init, loss_scale_window)
+    when precision is "fp16".
+    """
+    tx = chain(clip_by_global_norm(tcfg.grad_clip),
+               adamw(lr_lib.schedule_fn(tcfg, section), b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps,
+                     weight_decay=tcfg.weight_decay, n_decay=lay.n_decay))
+    if tcfg.precision == "fp16":
+        tx = dynamic_loss_scale(tx, init_scale=tcfg.loss_scale_init, window=tcfg.loss_scale_window)
+    return tx
+
+
+# ----------------------------------------------------------------------------- flat layout
 
 
 class Layout(NamedTuple):
@@ -93,9 +204,23 @@ class Layout(NamedTuple):
     numel: int
 
 
+def decay_mask(params: dict, exclude: str | None) -> dict:
+    """A tree of Python bools: True where weight decay applies (path not matching `exclude`)."""
+    rules = [(exclude, False)] if exclude else []
+    return tree.map_with_path(lambda p, _: bool(tree.match(rules, p, True)), params)
+
+
 def layout(params: dict, exclude: str | None) -> Layout:
+    """The flat layout of a params tree; `exclude`: regex of the paths without weight decay."""
+    if exclude:
+        try:
+            re.compile(exclude)
+        except re.error as e:
+            raise UserError(f"weight_decay_exclude={exclude!r}: not a regular expression ({e})") from None
     flags = tree.flatten(decay_mask(params, exclude))
     flat = tree.flatten(params)
+    if not flat:
+        raise ValueError("optim.layout: the params tree has no tensors")
     paths = tuple([k for k in flat if flags[k]] + [k for k in flat if not flags[k]])
     sizes = tuple(flat[k].numel() for k in paths)
     offsets, o = {}, 0
@@ -137,14 +262,27 @@ def unflatten(flat: torch.Tensor, lay: Layout) -> dict:
     return tree.unflatten({k: views[k] for k in lay.tree_paths})
 
 
-def adamw_flat(p, g, mu, nu, count, lr, *, b1: float, b2: float, eps: float, weight_decay: float,
-               n_decay: int):
-    """AdamW on flat vectors (torch.optim.AdamW's arithmetic); decay on p[:n_decay]."""
-    mu = torch.lerp(mu, g, 1.0 - b1)
-    nu = torch.addcmul(nu * b2, g, g, value=1.0 - b2)
-    count = count.to(torch.float32)
-    step_size = lr / (1.0 - b1**count)
-    denom = torch.sqrt(nu) / torch.sqrt(1.0 - b2**count) + eps
-    if weight_decay and n_decay:
-        p = torch.cat([p[:n_decay] * (1.0 - lr * weight_decay), p[n_decay:]])
-    return p - step_size * (mu / denom), mu, nu
+def _per_param(x, lay: Layout) -> bool:
+    return torch.is_tensor(x) and x.dim() == 1 and x.shape[0] == lay.numel
+
+
+def state_to_trees(state, lay: Layout):
+    """An optimizer state with every params-shaped vector turned into a per-path tree (views)."""
+    if isinstance(state, dict):
+        return {k: state_to_trees(v, lay) for k, v in state.items()}
+    return unflatten(state, lay) if _per_param(state, lay) else state
+
+
+def state_to_flat(state, template, lay: Layout):
+    """Inverse of state_to_trees; `template` (tx.init of a meta vector) says which leaves are trees."""
+    if isinstance(template, dict):
+        if not isinstance(state, dict) or set(state) != set(template):
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"optimizer state has keys {got}, the optimizer expects {sorted(template)}")
+        return {k: state_to_flat(state[k], v, lay) for k, v in template.items()}
+    return flatten(state, lay) if _per_param(template, lay) else state
+
+
+def template(tx: Transform, lay: Layout):
+    """tx's state structure on the meta device (no memory): which leaves are per-parameter."""
+    return tx.init(torch.empty(lay.numel, dtype=torch.float32, device="meta"))

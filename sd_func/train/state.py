@@ -1,50 +1,96 @@
-"""The train state: one plain dict pytree (big_vision / VDM style).
+"""The train state: one plain dict pytree (big_vision / VDM style), and its checkpoint trees.
 
     {"params": {"unet": ..., ["text_encoder": ...]},   # trained, float32 master weights
-     "opt": {"mu": ..., "nu": ...},                    # AdamW moments, same paths
-     "ema": {"unet": ..., ["text_encoder": ...]},      # EMA of params
-     "step": int64 0-d tensor,                          # updates taken (skipped fp16 ones included)
-     ["loss_scale": {"scale": f32, "good_steps": i64, "skipped": i64}]}  # fp16 only
+     "opt": {"adamw": {"count": i64,                   # AdamW's applied updates
+                       "mu": tree, "nu": tree},        # its moments, the params' paths
+             ["loss_scale": {"scale": f32, "good_steps": i64, "skipped": i64}]},  # fp16 only
+     ["ema": {"unet": ..., ...}],                      # EMA of params (the UNet stage)
+     "step": int64 0-d tensor}                         # steps taken (skipped fp16 ones included)
 
-Every leaf is a tensor, so the whole state goes through torch.compile, safetensors
-(`tree.flatten`) and `tree.to` as it is. The frozen VAE and text encoder are not
-in the state: they are passed to the step separately. After a train step the leaves
-of params, mu, nu and ema are views into one float32 vector per tree (see
-sd_func/train/optim.py, Layout); copy them (`.clone()`) to keep one alone.
+"opt" is the state of the optimizer transform (train.optim.from_config: a chain of
+clip (no state) and adamw, inside dynamic_loss_scale for fp16) with its params-shaped
+vectors as per-path trees. Every leaf is a tensor, so the whole state goes through
+torch.compile, safetensors (`tree.flatten`: "adamw/mu/unet/conv_in/weight") and
+`tree.to` as it is. The frozen networks are not in the state: the step takes them
+separately. After a step the leaves of params, mu, nu and ema are views into one
+float32 vector per tree (optim.Layout); `.clone()` one to keep it alone.
+
+A checkpoint holds the state as trees `params`, `opt`, [`ema`] and `state` (the
+scalars: step); `checkpoint_trees` and `restore` are the two directions.
 """
 
 import torch
 
 from sd_func import tree
+from sd_func.checkpoint import training as checkpoints
 from sd_func.train import optim
 
+SCALARS = "state"   # the checkpoint tree of the state's top-level tensors (the step)
+FORMAT_1 = "sd_func.train/1"  # before the optimizer became a chain of transforms
 
-def init_state(cfg, params_unet: dict, params_te: dict | None = None) -> dict:
-    """A fresh train state on the params' device; params_te only when the text encoder trains."""
-    train_te = bool(cfg.train.get("train_text_encoder", False))
-    if train_te and params_te is None:
-        raise ValueError("init_state: cfg.train.train_text_encoder=True needs params_te")
-    if params_te is not None and not train_te:
-        raise ValueError("init_state: params_te given but cfg.train.train_text_encoder=False; "
-                         "pass a frozen text encoder in `frozen` instead")
-    params = {"unet": params_unet}
-    if params_te is not None:
-        params["text_encoder"] = params_te
-    params = tree.tree_map(lambda x: x.detach().to(torch.float32), params)
-    leaves = tree.leaves(params)
-    if not leaves:
-        raise ValueError("init_state: params_unet has no tensors")
-    device = leaves[0].device
-    state = {
-        "params": params,
-        "opt": optim.init(params),
-        "ema": tree.tree_map(lambda x: x.clone(), params),
-        "step": torch.zeros((), dtype=torch.int64, device=device),
-    }
-    if cfg.train.precision == "fp16":
-        state["loss_scale"] = {
-            "scale": torch.tensor(float(cfg.train.loss_scale_init), dtype=torch.float32, device=device),
-            "good_steps": torch.zeros((), dtype=torch.int64, device=device),
-            "skipped": torch.zeros((), dtype=torch.int64, device=device),
-        }
+
+def init_state(params: dict, tx: optim.Transform, lay: optim.Layout, *, ema: bool) -> dict:
+    """A fresh train state for `params` (float32 copies, laid out as `lay`), with an EMA if asked."""
+    flat = optim.flatten(tree.tree_map(lambda x: x.detach().to(torch.float32), params), lay)
+    first = tree.flatten(params)[lay.paths[0]]
+    if flat.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
+        flat = flat.clone()  # already laid out (e.g. another state's params): own the memory
+    state = {"params": optim.unflatten(flat, lay), "opt": optim.state_to_trees(tx.init(flat), lay),
+             "step": torch.zeros((), dtype=torch.int64, device=flat.device)}
+    if ema:
+        state["ema"] = optim.unflatten(flat.clone(), lay)
     return state
+
+
+def checkpoint_trees(state: dict) -> dict:
+    """{tree name: nested dict of tensors} to save: the state's dicts, and its scalars as `state`."""
+    trees = {k: v for k, v in state.items() if isinstance(v, dict)}
+    trees[SCALARS] = {k: v for k, v in state.items() if not isinstance(v, dict)}
+    return trees
+
+
+def restore(ckpt: str, like: dict) -> dict:
+    """The state stored in checkpoint folder `ckpt`, in the structure, dtypes and devices of `like`.
+
+    `like` is a fresh init_state of the same params and optimizer. The fp16 loss scale may
+    come and go between starts (precision changed): a checkpoint without one gets `like`'s
+    fresh scale, and a stored one is dropped when precision is no longer fp16. Checkpoints
+    of format sd_func.train/1 (opt = {"mu", "nu"}, the scale in its own tree, the VAE
+    stage's step in checkpoint.json) are read too.
+    """
+    meta = checkpoints.read_meta(ckpt)
+    files = set(meta["files"])
+    scalars = {k: v for k, v in like.items() if not isinstance(v, dict)}
+    if SCALARS in files:
+        restored = checkpoints.restore_like(ckpt, SCALARS, scalars)
+    else:  # format 1 of the VAE stage: only the step, in checkpoint.json
+        restored = {"step": torch.tensor(int(meta["step"]), dtype=torch.int64, device=like["step"].device)}
+    out = {}
+    for k, v in like.items():  # like's key order: the structure the step was traced with
+        if not isinstance(v, dict):
+            out[k] = restored[k]
+        elif k == "opt" and meta.get("format") == FORMAT_1:
+            out[k] = _opt_from_format_1(ckpt, v, files, restored["step"])
+        else:
+            out[k] = checkpoints.restore_like(ckpt, k, v, optional=optim.LOSS_SCALE + "/")
+    return out
+
+
+def _opt_from_format_1(ckpt: str, like: dict, files: set, step: torch.Tensor) -> dict:
+    """Format 1's {"mu", "nu"} (+ a "loss_scale" tree) as today's chain state."""
+    adam = like["adamw"]
+    moments = checkpoints.restore_like(ckpt, "opt", {"mu": adam["mu"], "nu": adam["nu"]})
+    out = dict(like)
+    ls = None
+    if optim.LOSS_SCALE in files:
+        stored = checkpoints.load_tree(ckpt, optim.LOSS_SCALE)
+        if optim.LOSS_SCALE in like:
+            ls = checkpoints.restore_like(ckpt, optim.LOSS_SCALE, like[optim.LOSS_SCALE])
+            out[optim.LOSS_SCALE] = ls
+        skipped = stored["skipped"]
+    else:
+        skipped = torch.zeros((), dtype=torch.int64)
+    # Format 1 derived AdamW's count as step - skipped: the same number, now stored.
+    count = (step.cpu() - skipped.to(torch.int64)).to(adam["count"].device)
+    out["adamw"] = {"count": count, "mu": moments["mu"], "nu": moments["nu"]}
+    return out
