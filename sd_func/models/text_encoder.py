@@ -65,7 +65,7 @@ def from_diffusers_config(d: dict, tokenizer: str = "") -> ml_collections.Config
                          "(clip_text_model only)")
     if d.get("hidden_act", "quick_gelu") not in _ACTS:
         raise UserError(f"text_encoder config: hidden_act {d['hidden_act']!r} is not supported; one of {_ACTS}")
-    defaults = transformers.CLIPTextConfig  # transformers' own defaults for absent keys
+    defaults = transformers.CLIPTextConfig()  # transformers' own defaults for absent keys
     out = {k: d.get(k, getattr(defaults, k)) for k in _ARCH_KEYS}
     return config(**out, tokenizer=tokenizer)
 
