@@ -67,24 +67,8 @@ def test_run_train_flag_errors(args, expect):
     assert rc == 1 and len(err) == 1 and err[0].startswith("run_train.py: error: ") and expect in err[0], err
 
 
-def test_a_bug_keeps_its_traceback(tmp_path):
-    """Only UserError becomes one line: any other exception is printed with its traceback."""
-    script = tmp_path / "prog.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {ROOT!r})
-        from sd_func import cli
-
-        def main(argv):
-            raise RuntimeError("an actual bug")
-
-        cli.run(main, "prog.py")
-    """))
-    rc, err = run([str(script)])
-    assert rc == 1 and err[0] == "Traceback (most recent call last):" and err[-1] == "RuntimeError: an actual bug", err
-
-
-def test_user_error_is_one_line(tmp_path):
+def _program(tmp_path, raises: str) -> str:
+    """A three-line entry point on sd_func.cli whose main raises `raises`."""
     script = tmp_path / "prog.py"
     script.write_text(textwrap.dedent(f"""
         import sys
@@ -93,12 +77,23 @@ def test_user_error_is_one_line(tmp_path):
         from sd_func.errors import UserError
 
         def main(argv):
-            raise UserError("--x=3: expected\\n  an even number")
+            raise {raises}
 
         cli.run(main, "prog.py")
     """))
-    rc, err = run([str(script)])
+    return str(script)
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """Only UserError becomes one line: any other exception is printed with its traceback."""
+    rc, err = run([_program(tmp_path, 'RuntimeError("an actual bug")')])
+    assert rc == 1 and err[0] == "Traceback (most recent call last):" and err[-1] == "RuntimeError: an actual bug", err
+
+
+def test_user_error_is_one_line(tmp_path):
+    script = _program(tmp_path, 'UserError("--x=3: expected\\n  an even number")')
+    rc, err = run([script])
     assert rc == 1 and err == ["prog.py: error: --x=3: expected an even number"], err
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "SD_FUNC_TRACEBACK": "1"})
     assert done.returncode == 1 and "Traceback" in done.stderr  # SD_FUNC_TRACEBACK=1 shows it

@@ -9,47 +9,24 @@
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import pytest
 import torch
 from PIL import Image
 
-from sd_func import tree
+import train_runs as runs
 from sd_func.checkpoint import training as checkpointing
 from sd_func.data import loader
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 4
-ARGS = ["--config=configs/tiny.py", "--config.train.compile=False", f"--config.train.steps={STEPS}",
-        "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
-        "--config.train.log_every=1", "--config.train.batch_size=4", "--config.train.lr=1e-4"]
-TREES = ("params", "ema", "opt", "state", "frozen")
+ARGS = runs.args(log_every=1)
+STEPS, TREES = runs.STEPS, runs.TREES
 CAPTIONS = ["a red circle on a blue background", "a green square on a white background",
             "a blue triangle on a yellow background", "a white circle on a black background"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
-    env.pop("SD_FUNC_TRACEBACK", None)
-    return env
-
-
-def _cmd(workdir, *extra, nproc=1):
-    launch = [sys.executable, "run_train.py"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "run_train.py"]
-    return [*launch, *ARGS, *extra, f"--workdir={workdir}"]
-
-
 def _run(workdir, *extra, nproc=1):
-    p = subprocess.run(_cmd(workdir, *extra, nproc=nproc), cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=600, check=False)
-    assert p.returncode == 0, f"run_train.py failed ({p.returncode}):\n{p.stderr[-4000:]}"
+    p = runs.run(ARGS, workdir, *extra, nproc=nproc)
     return p.stdout + p.stderr
 
 
@@ -59,14 +36,7 @@ def _png(i: int, size=(40, 36)) -> bytes:
     return buf.getvalue()
 
 
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
-
-
-def _final_trees(workdir):
-    ckpt = os.path.join(workdir, "checkpoints", str(STEPS))
-    return {n: tree.flatten(checkpointing.load_tree(ckpt, n)) for n in TREES}
+_rows, _final_trees = runs.rows, runs.trees
 
 
 # ---------------------------------------------------------------- webdataset
@@ -93,20 +63,7 @@ def test_webdataset_kill_and_resume_is_identical(shards, tmp_path):
     reference = str(tmp_path / "reference")
     _run(reference, *shards)
     workdir = str(tmp_path / "killed")
-    first = os.path.join(workdir, "checkpoints", "1")
-    proc = subprocess.Popen(_cmd(workdir, *shards), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        while not os.path.isdir(first):
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended before its first checkpoint:\n{proc.stderr.read()[-4000:]}")
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
+    runs.kill_after_checkpoint(ARGS, workdir, *shards)
     done = checkpointing.steps(workdir)
     assert done and done[-1] < STEPS, done
     meta = checkpointing.read_meta(checkpointing.latest(workdir))

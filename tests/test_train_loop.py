@@ -9,7 +9,6 @@ test_two_processes_match_one). Compile is off except in one run, whose step-2 me
 must match the eager reference. Bad config values fail in one line before any model.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -19,47 +18,21 @@ import time
 import pytest
 import torch
 
+import train_runs as runs
 from sd_func import backend, tree
 from sd_func.checkpoint import training as checkpointing
 from sd_func.errors import UserError
 from sd_func.train import checks, loop
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEPS = 4
-ARGS = ["--config=configs/tiny.py", "--config.train.compile=False", f"--config.train.steps={STEPS}",
-        "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
-        "--config.train.log_every=2", "--config.train.batch_size=4", "--config.train.lr=1e-4"]
-TREES = ("params", "ema", "opt", "state", "frozen")
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
-    env.pop("SD_FUNC_TRACEBACK", None)
-    return env
-
-
-def _cmd(workdir, *extra, nproc=1):
-    launch = [sys.executable, "run_train.py"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "run_train.py"]
-    return [*launch, *ARGS, *extra, f"--workdir={workdir}"]
+ARGS = runs.args(log_every=2)
+STEPS, TREES = runs.STEPS, runs.TREES
 
 
 def _run(workdir, *extra, nproc=1, check=True):
-    p = subprocess.run(_cmd(workdir, *extra, nproc=nproc), cwd=REPO, env=_env(), capture_output=True,
-                       text=True, timeout=600, check=False)
-    if check and p.returncode != 0:
-        raise AssertionError(f"run_train.py failed ({p.returncode}):\n{p.stderr[-4000:]}")
-    return p
+    return runs.run(ARGS, workdir, *extra, nproc=nproc, check=check)
 
 
-def _trees(workdir, step):
-    ckpt = os.path.join(workdir, "checkpoints", str(step))
-    return {n: tree.flatten(checkpointing.load_tree(ckpt, n)) for n in TREES}
-
-
-def _rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
-        return [json.loads(line) for line in fh]
+_trees, _rows = runs.trees, runs.rows
 
 
 @pytest.fixture(scope="module")
@@ -101,22 +74,8 @@ def test_workdir_layout(reference):
 
 def test_sigkill_after_checkpoint_resumes_identically(reference, tmp_path):
     workdir = str(tmp_path / "killed")
-    first = os.path.join(workdir, "checkpoints", "1")
     t = time.perf_counter()
-    proc = subprocess.Popen(_cmd(workdir), cwd=REPO, env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    try:
-        while not os.path.isdir(first):
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended before its first checkpoint:\n{proc.stderr.read()[-4000:]}")
-            time.sleep(0.01)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    assert runs.kill_after_checkpoint(ARGS, workdir) == -signal.SIGKILL
     done = checkpointing.steps(workdir)
     assert done and done[-1] < STEPS, done
     # A save interrupted by a crash leaves a temporary folder: it must be ignored and removed.
@@ -251,7 +210,7 @@ def test_divergence_stops_with_a_clear_error(tmp_path, monkeypatch):
 def test_bad_input_is_one_line(tmp_path, extra, env, message):
     workdir = tmp_path / "w"
     extra = [a.replace("WORKDIR", str(workdir)) for a in extra]
-    p = subprocess.run([sys.executable, "run_train.py", *ARGS, *extra], cwd=REPO, env=dict(_env(), **env),
+    p = subprocess.run([sys.executable, "run_train.py", *ARGS, *extra], cwd=runs.REPO, env=dict(runs.env(), **env),
                        capture_output=True, text=True, timeout=300, check=False)
     assert p.returncode == 1
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]

@@ -1,0 +1,76 @@
+"""Helpers for the tests that train through run_train.py as a user would: a subprocess per run.
+
+`args(log_every)` is the tiny run they share (configs/tiny.py, STEPS eager steps of 4
+images, a checkpoint every step); `run` starts one to the end, `kill_after_checkpoint`
+SIGKILLs one as soon as its first checkpoint folder exists, and `trees` / `rows` read
+what a run left in its workdir.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sd_func import tree
+from sd_func.checkpoint import training as checkpointing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 4
+TREES = ("params", "ema", "opt", "state", "frozen")
+
+
+def args(log_every: int) -> list[str]:
+    return ["--config=configs/tiny.py", "--config.train.compile=False", f"--config.train.steps={STEPS}",
+            "--config.train.checkpoint_every=1", "--config.train.keep_checkpoints=2",
+            f"--config.train.log_every={log_every}", "--config.train.batch_size=4", "--config.train.lr=1e-4"]
+
+
+def env() -> dict:
+    out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
+    out.pop("SD_FUNC_TRACEBACK", None)
+    return out
+
+
+def cmd(base: list[str], workdir: str, *extra, nproc: int = 1) -> list[str]:
+    launch = [sys.executable, "run_train.py"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "run_train.py"]
+    return [*launch, *base, *extra, f"--workdir={workdir}"]
+
+
+def run(base: list[str], workdir: str, *extra, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd(base, workdir, *extra, nproc=nproc), cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=600, check=False)
+    if check and p.returncode != 0:
+        raise AssertionError(f"run_train.py failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def kill_after_checkpoint(base: list[str], workdir: str, *extra) -> int:
+    """Start a run and SIGKILL it once checkpoints/1 exists; returns its exit status."""
+    first = os.path.join(workdir, "checkpoints", "1")
+    proc = subprocess.Popen(cmd(base, workdir, *extra), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        while not os.path.isdir(first):
+            if proc.poll() is not None:
+                raise AssertionError(f"run ended before its first checkpoint:\n{proc.stderr.read()[-4000:]}")
+            time.sleep(0.01)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stderr.close()
+    return proc.returncode
+
+
+def trees(workdir: str, step: int = STEPS) -> dict:
+    ckpt = os.path.join(workdir, "checkpoints", str(step))
+    return {n: tree.flatten(checkpointing.load_tree(ckpt, n)) for n in TREES}
+
+
+def rows(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as fh:
+        return [json.loads(line) for line in fh]
