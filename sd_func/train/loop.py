@@ -92,15 +92,19 @@ def _save(workdir, step, state, frozen_models, source, cfg, world, main):
     distributed.barrier()
 
 
-def sample_grid(state: dict, frozen_models: dict, cfg, workdir: str, step: int) -> str:
-    """A grid of cfg.sample.prompts with the EMA weights, to <workdir>/samples/<step>.png."""
+def sample_grid(state: dict, frozen_models: dict, cfg, workdir: str, step: int, unet_fn=None) -> str:
+    """A grid of cfg.sample.prompts with the EMA weights, to <workdir>/samples/<step>.png.
+
+    unet_fn: the UNet call to sample with (pipelines.make_unet_fn; the loop builds one per
+    run from cfg.sample.compile and holds it), default eager."""
     image_lib = pipelines.images
     trained = state["ema"] if cfg.sample.get("ema", True) else state["params"]
     params = dict(frozen_models, **trained)
     prompts = list(cfg.sample.prompts)
     with torch.no_grad():
         out = pipelines.txt2img(params, cfg, prompts, seeds=list(range(len(prompts))), steps=int(cfg.sample.steps),
-                      sampler=cfg.sample.sampler, guidance_scale=float(cfg.sample.guidance_scale))
+                                sampler=cfg.sample.sampler, guidance_scale=float(cfg.sample.guidance_scale),
+                                unet_fn=unet_fn)
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"{step}.png")
     image_lib.save_png(path, image_lib.grid(out.cpu()), {"step": step, "prompts": json.dumps(prompts),
@@ -249,6 +253,7 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     saved = start if ckpt is not None else -1
     log_every, ckpt_every = int(tcfg.log_every or 0), int(tcfg.checkpoint_every or 0)
     sample_every = int(tcfg.sample_every or 0)
+    sample_unet = None
     try:
         for s in range(start, total):
             batch, skipped = _prepare(source.batch(s, global_batch), s, step_key, cfg, tok, shape, device)
@@ -273,7 +278,9 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
                 _save(workdir, done, state, frozen_models, source, cfg, world, main)
                 saved = done
             if main and sample_every and done % sample_every == 0:
-                path = sample_grid(state, frozen_models, cfg, workdir, done)
+                if sample_unet is None:  # built once, at the first grid, and held for the run
+                    sample_unet = pipelines.make_unet_fn(cfg.unet, cfg.sample.get("compile", False))
+                path = sample_grid(state, frozen_models, cfg, workdir, done, sample_unet)
                 writer.image(done, "samples", _read_png(path))
         if saved != total and total > start:
             _save(workdir, total, state, frozen_models, source, cfg, world, main)
