@@ -199,7 +199,6 @@ class Layout(NamedTuple):
     paths: tuple         # flat order: decayed leaves, then the others
     shapes: tuple
     sizes: tuple
-    offsets: dict        # path -> offset in the flat vector
     n_decay: int         # elements [0, n_decay) get weight decay
     numel: int
 
@@ -223,12 +222,8 @@ def layout(params: dict, exclude: str | None) -> Layout:
         raise ValueError("optim.layout: the params tree has no tensors")
     paths = tuple([k for k in flat if flags[k]] + [k for k in flat if not flags[k]])
     sizes = tuple(flat[k].numel() for k in paths)
-    offsets, o = {}, 0
-    for k, n in zip(paths, sizes):
-        offsets[k] = o
-        o += n
     n_decay = sum(n for k, n in zip(paths, sizes) if flags[k])
-    return Layout(tuple(flat), paths, tuple(tuple(flat[k].shape) for k in paths), sizes, offsets, n_decay, o)
+    return Layout(tuple(flat), paths, tuple(tuple(flat[k].shape) for k in paths), sizes, n_decay, sum(sizes))
 
 
 def flatten(params: dict, lay: Layout) -> torch.Tensor:

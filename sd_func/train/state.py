@@ -81,12 +81,10 @@ def _opt_from_format_1(ckpt: str, like: dict, files: set, step: torch.Tensor) ->
     adam = like["adamw"]
     moments = checkpoints.restore_like(ckpt, "opt", {"mu": adam["mu"], "nu": adam["nu"]})
     out = dict(like)
-    ls = None
     if optim.LOSS_SCALE in files:
         stored = checkpoints.load_tree(ckpt, optim.LOSS_SCALE)
         if optim.LOSS_SCALE in like:
-            ls = checkpoints.restore_like(ckpt, optim.LOSS_SCALE, like[optim.LOSS_SCALE])
-            out[optim.LOSS_SCALE] = ls
+            out[optim.LOSS_SCALE] = checkpoints.restore_like(ckpt, optim.LOSS_SCALE, like[optim.LOSS_SCALE])
         skipped = stored["skipped"]
     else:
         skipped = torch.zeros((), dtype=torch.int64)

@@ -36,11 +36,11 @@ import torch
 from torch.distributed import _functional_collectives as funcol
 
 from sd_func import tree
+from sd_func.backend import PRECISIONS
 from sd_func.errors import UserError
 from sd_func.train import autodiff, distributed, optim
 from sd_func.train import lr as lr_lib
 
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
