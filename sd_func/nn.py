@@ -30,7 +30,14 @@ _CPU_NATIVE = {torch.bfloat16: _native_half("_is_mkldnn_bf16_supported"),
 
 
 def _cpu_upcast(dtype) -> bool:
-    return dtype in _CPU_NATIVE and not _CPU_NATIVE[dtype]
+    return dtype in _CPU_NATIVE and not _CPU_NATIVE[dtype] and not exporting()
+
+
+def exporting() -> bool:
+    """True while torch.onnx or torch.export traces a model (sd_func.deploy): the graph then
+    gets the plain operators (Conv, MatMul in the params' dtype), not the CPU eager fast paths
+    below, whose choice depends on the traced shapes and on this machine."""
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 def _uniform(k, shape, bound, dtype):
@@ -74,7 +81,7 @@ def conv2d(p: dict, x: torch.Tensor, stride: int = 1, padding: int | None = None
     kernel = w.shape[-1]
     if padding is None:
         padding = kernel // 2
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not exporting():
         if _cpu_upcast(x.dtype):
             return conv2d({"weight": w.float(), **({"bias": b.float()} if b is not None else {})},
                           x.float(), stride, padding).to(x.dtype)
@@ -160,7 +167,7 @@ class _GroupNorm(torch.autograd.Function):
 
 
 def layer_norm(p: dict, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    return F.layer_norm(x, (x.shape[-1],), p["weight"], p["bias"], eps)
+    return F.layer_norm(x, p["weight"].shape, p["weight"], p["bias"], eps)
 
 
 def init_embedding(k, num: int, dim: int, dtype=torch.float32) -> dict:

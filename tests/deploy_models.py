@@ -1,0 +1,33 @@
+"""Tiny random-weight checkpoints for the deploy tests, in sd_func's native format."""
+
+import os
+
+from configs import tiny
+from sd_func import checkpoint, random, tree
+from sd_func.models import autoencoder, text_encoder, unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def tiny_params(cfg, seed: int = 0) -> dict:
+    """init() of configs/tiny.py's three models, norms and biases moved off 1 / 0 so that
+    every parameter matters."""
+    k_unet, k_vae, k_te, k_off = random.split(random.key(seed), 4)
+    params = {"unet": unet.init(k_unet, cfg.unet), "vae": autoencoder.init(k_vae, cfg.vae),
+              "text_encoder": text_encoder.init(k_te, cfg.text_encoder)}
+
+    flat = tree.flatten(params)
+    for i, path in enumerate(sorted(flat)):
+        if path.endswith("bias") or "norm" in path:
+            flat[path] = flat[path] + 0.1 * random.normal(random.fold_in(k_off, i), flat[path].shape)
+    return tree.unflatten(flat)
+
+
+def tiny_checkpoint(path: str, seed: int = 0, **unet_overrides) -> str:
+    """A native .safetensors of configs/tiny.py's models (random weights); returns path."""
+    cfg = tiny.get_config()
+    if unet_overrides:
+        cfg.unet = unet.config(**{**cfg.unet.to_dict(), **unet_overrides})
+    checkpoint.save(tiny_params(cfg, seed), cfg, path)
+    return path
