@@ -3,7 +3,7 @@
 import os
 
 from configs import tiny
-from sd_func import checkpoint, random, tree
+from sd_func import checkpoint, pipelines, random, tree
 from sd_func.models import autoencoder, text_encoder, unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,3 +31,9 @@ def tiny_checkpoint(path: str, seed: int = 0, **unet_overrides) -> str:
         cfg.unet = unet.config(**{**cfg.unet.to_dict(), **unet_overrides})
     checkpoint.save(tiny_params(cfg, seed), cfg, path)
     return path
+
+
+def reference_image(params, cfg, prompt: str, seed: int, negative_prompt: str = "", **settings):
+    """uint8 [H, W, 3]: the pipeline in-process for one image alone (batch of 1)."""
+    return pipelines.txt2img(params, cfg, [prompt], seeds=[seed], negative_prompt=negative_prompt,
+                             **settings)[0].numpy()

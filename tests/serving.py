@@ -167,3 +167,11 @@ def tritonserver(workdir: str) -> tuple[list[str], dict]:
     cmd = [os.path.join(home, "bin", "tritonserver"), f"--backend-directory={home}/backends",
            f"--cache-directory={home}/caches"]
     return cmd, env
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return fh.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
