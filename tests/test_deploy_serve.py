@@ -22,13 +22,17 @@ from sd_func.pipelines import job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMITS = ["--max_steps=12", "--max_pixels=2304", "--max_prompt_chars=60", "--max_batch_size=8"]
+# The server's defaults and run_sample.py's options: few steps, small images, no guidance
+# (the "settings" case asks for guidance), so that the module's ~40 images stay cheap.
+SAMPLE = ["--config.sample.steps=3", "--config.sample.guidance_scale=1.0", "--config.sample.height=16",
+          "--config.sample.width=16"]
 # (request inputs, run_sample.py flags) that must give the same image
 CASES = {
     "defaults": (dict(prompt="a red circle on a blue background", seed=5),
                  ["--prompt=a red circle on a blue background", "--seed=5"]),
-    "settings": (dict(prompt="a green square", negative_prompt="blue", seed=11, steps=6,
+    "settings": (dict(prompt="a green square", negative_prompt="blue", seed=11, steps=4,
                       sampler="euler_ancestral", guidance_scale=3.0, height=40, width=48),
-                 ["--prompt=a green square", "--negative_prompt=blue", "--seed=11", "--config.sample.steps=6",
+                 ["--prompt=a green square", "--negative_prompt=blue", "--seed=11", "--config.sample.steps=4",
                   "--config.sample.sampler=euler_ancestral", "--config.sample.guidance_scale=3.0",
                   "--config.sample.height=40", "--config.sample.width=48"]),
 }
@@ -44,7 +48,7 @@ def server(ckpt, tmp_path_factory):
     d = tmp_path_factory.mktemp("serve")
     http, grpc, metrics = serving.free_ports(3)
     cmd = [sys.executable, "run_serve.py", f"--ckpt={ckpt}", f"--config={TINY_CONFIG}", f"--http_port={http}",
-           f"--grpc_port={grpc}", f"--metrics_port={metrics}", *LIMITS]
+           f"--grpc_port={grpc}", f"--metrics_port={metrics}", *LIMITS, *SAMPLE]
     with serving.server(cmd, http, str(d / "serve.log")) as proc:
         yield dict(proc=proc, http=http, grpc=grpc, metrics=metrics, log=str(d / "serve.log"))
 
@@ -55,7 +59,7 @@ def pngs(ckpt, tmp_path_factory):
     for name, (_, flags) in CASES.items():
         outdir = tmp_path_factory.mktemp(f"png_{name}")
         r = subprocess.run([sys.executable, "run_sample.py", f"--config={TINY_CONFIG}", f"--ckpt={ckpt}",
-                            f"--outdir={outdir}", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            f"--outdir={outdir}", *SAMPLE, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = np.array(PIL.Image.open(outdir / "00000.png"))
     return out
@@ -63,7 +67,9 @@ def pngs(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    return job.load_model(ckpt, tiny.get_config(), device="cpu")
+    cfg = tiny.get_config()
+    cfg.sample.update(steps=3, guidance_scale=1.0, height=16, width=16)  # SAMPLE
+    return job.load_model(ckpt, cfg, device="cpu")
 
 
 def max_diff(a, b) -> int:
