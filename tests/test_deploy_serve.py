@@ -59,7 +59,8 @@ def pngs(ckpt, tmp_path_factory):
     for name, (_, flags) in CASES.items():
         outdir = tmp_path_factory.mktemp(f"png_{name}")
         r = subprocess.run([sys.executable, "run_sample.py", f"--config={TINY_CONFIG}", f"--ckpt={ckpt}",
-                            f"--outdir={outdir}", *SAMPLE, *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            f"--outdir={outdir}", *SAMPLE, *flags],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         out[name] = np.array(PIL.Image.open(outdir / "00000.png"))
     return out
@@ -88,10 +89,12 @@ def test_image_equals_run_sample(server, pngs, protocol):
 
 
 def test_concurrent_requests_are_batched_and_right(server, model):
+    """Every fourth request asks for other settings: one execution then holds two groups."""
     params, cfg = model
-    jobs = [(f"a {c} {s} on a {b} background", 100 + i) for i, (c, s, b) in enumerate(
-        (c, s, b) for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")
-        for b in ("white", "black"))]
+    other = dict(steps=2, sampler="euler", guidance_scale=2.0)
+    jobs = [(f"a {c} {s} on a {b} background", 100 + i, other if i % 4 == 3 else {}) for i, (c, s, b) in
+            enumerate((c, s, b) for c in ("red", "green", "blue", "yellow") for s in ("circle", "square")
+                      for b in ("white", "black"))]
     execs0 = serving.metric(server["metrics"], "nv_inference_exec_count")
     ok0 = serving.metric(server["metrics"], "nv_inference_request_success")
     results, errors = {}, []
@@ -99,8 +102,8 @@ def test_concurrent_requests_are_batched_and_right(server, model):
     def client(worker):
         try:
             for k in (worker, worker + 8):
-                prompt, seed = jobs[k]
-                results[k] = serving.infer(server["http"], serving.request(prompt, seed=seed))
+                prompt, seed, settings = jobs[k]
+                results[k] = serving.infer(server["http"], serving.request(prompt, seed=seed, **settings))
         except Exception as e:  # reported below with the others
             errors.append(repr(e))
     threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
@@ -111,7 +114,7 @@ def test_concurrent_requests_are_batched_and_right(server, model):
     assert not errors and len(results) == 16, errors
     executions = serving.metric(server["metrics"], "nv_inference_exec_count") - execs0
     succeeded = serving.metric(server["metrics"], "nv_inference_request_success") - ok0
-    worst = max(max_diff(results[k][0], reference_image(params, cfg, p, s)) for k, (p, s) in enumerate(jobs))
+    worst = max(max_diff(results[k][0], reference_image(params, cfg, p, s, **o)) for k, (p, s, o) in enumerate(jobs))
     print(f"\n16 requests from 8 threads: {int(executions)} executions, max |batched - alone| = {worst} u8 levels")
     assert succeeded == 16 and executions < 16
     assert worst <= 1
