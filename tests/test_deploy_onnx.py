@@ -15,7 +15,7 @@ import torch
 from deploy_models import TINY_CONFIG, tiny_checkpoint
 
 from configs import tiny
-from sd_func import random
+from sd_func import random, tree
 from sd_func.diffusion import schedules
 from sd_func.models import autoencoder, text_encoder, tokenizer, unet
 from sd_func.pipelines import job
@@ -108,6 +108,19 @@ def test_graph_signatures_and_dynamic_axes(exported):
         assert dims[0].dim_param, f"{name}: batch axis is not dynamic"
         if len(dims) == 4:
             assert dims[2].dim_param and dims[3].dim_param, f"{name}: spatial axes are not dynamic"
+
+
+def test_convolutions_are_conv_nodes(exported):
+    """The CPU eager fast path (convolutions as gathered-patch GEMMs) stays out of the graphs:
+    one ONNX Conv per conv weight (the transformers' 1x1 proj_in / proj_out are token
+    linears), which TensorRT and onnxruntime fuse."""
+    folder, params, _ = exported
+    for name, p, prefixes in (("unet.onnx", params["unet"], ("",)),
+                              ("vae_decoder.onnx", params["vae"], ("decoder/", "post_quant_conv/"))):
+        convs = sum(1 for n in onnx.load(str(folder / name)).graph.node if n.op_type == "Conv")
+        weights = sum(1 for k, v in tree.flatten(p).items() if v.ndim == 4 and k.startswith(prefixes)
+                      and not k.endswith(("proj_in/weight", "proj_out/weight")))
+        assert convs == weights, (name, convs, weights)
 
 
 def test_pipeline_json_and_tokenizer(exported):
