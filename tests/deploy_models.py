@@ -24,9 +24,9 @@ def tiny_params(cfg, seed: int = 0) -> dict:
     return tree.unflatten(flat)
 
 
-def tiny_checkpoint(path: str, seed: int = 0, **unet_overrides) -> str:
-    """A native .safetensors of configs/tiny.py's models (random weights); returns path."""
-    cfg = tiny.get_config()
+def tiny_checkpoint(path: str, seed: int = 0, config=None, **unet_overrides) -> str:
+    """A native .safetensors of configs/tiny.py's models (or config's), random weights; returns path."""
+    cfg = config or tiny.get_config()
     if unet_overrides:
         cfg.unet = unet.config(**{**cfg.unet.to_dict(), **unet_overrides})
     checkpoint.save(tiny_params(cfg, seed), cfg, path)
