@@ -154,3 +154,17 @@ def test_sigterm_stops_cleanly(server):
     assert any("tritonserver" in serving.cmdline(p) for p in serving.children(proc.pid))
     left = serving.stop(proc, signal.SIGTERM)
     assert proc.returncode == 0 and not left, (proc.returncode, left, serving.tail(server["log"]))
+
+
+@pytest.mark.parametrize("args, want", [
+    (["--max_steps=0"], "--max_steps=0: expected an integer >= 1"),
+    ([], "--ckpt is required"),
+    (["--config.sample.sampler=nonsense"], "unknown sampler 'nonsense'"),
+])
+def test_bad_flags_are_one_line(ckpt, args, want):
+    flags = [f"--ckpt={ckpt}"] if args != [] else []
+    r = subprocess.run([sys.executable, "run_serve.py", f"--config={TINY_CONFIG}", *flags, *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("run_serve.py: error: ") and want in last, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
