@@ -15,6 +15,11 @@
 #                      sd_func vs StableDiffusionPipeline (eager).
 #   3. bench/train.py  SD 1.5 UNet training step on precached latents (512 px), bf16 autocast,
 #                      batch 8: sd_func vs diffusers + AdamW(foreach), eager.
+#   4. bench/tensorrt.py  NOT RUN YET (written without a GPU): SD 1.5 UNet call, batch 2,
+#                      64x64 latents, fp16: a TensorRT engine built from sd_func's ONNX export
+#                      (run_export.py's exporter) vs sd_func eager / compiled vs diffusers,
+#                      checked against sd_func's fp16 output. Needs `pip install tensorrt onnx`;
+#                      skipped when tensorrt is missing.
 # Needs torch with CUDA, diffusers, transformers, safetensors, tqdm and ml_collections
 # (+ absl, yaml); nothing is installed or downloaded (weights are random).
 set -u
@@ -79,7 +84,8 @@ if [ "$TINY" = 1 ]; then
   UNET=(--tiny --sizes 8 --iters 2 --warmup 1 --dtypes fp32,bf16 --layouts nchw,cl --modes eager)
   SAMPLE=(--preset tiny --steps 3 --iters 1 --warmup 1 --dtype fp32 --modes sd_func_eager,diffusers_eager)
   TRAIN=(--preset tiny --batch 2 --steps 2 --warmup 1 --modes sd_func_eager,diffusers_eager)
-  T_UNET=600; T_SAMPLE=300; T_TRAIN=300
+  TRT=(--tiny --size 8 --iters 2 --warmup 1)
+  T_UNET=600; T_SAMPLE=300; T_TRAIN=300; T_TRT=300
 else
   # fp16: eager both layouts, compiled channels_last only; bf16: eager only (compiles cost ~1 min each)
   # fp32: diffusers eager channels_last only, the reference the others' errors are measured from
@@ -88,7 +94,8 @@ else
   SAMPLE=(--preset sd15 --steps 25 --iters 3 --warmup 1 --dtype fp16 --modes sd_func_eager,diffusers_eager)
   TRAIN=(--preset sd15 --batch 8 --steps 8 --warmup 2 --precision bf16 --inputs latents
          --modes sd_func_eager,diffusers_eager)
-  T_UNET=270; T_SAMPLE=100; T_TRAIN=110
+  TRT=(--size 64 --batch 2 --iters 20 --warmup 3)
+  T_UNET=270; T_SAMPLE=100; T_TRAIN=110; T_TRT=240
 fi
 
 START=$(date +%s)
@@ -103,6 +110,11 @@ stage() {  # name, seconds, command...
 stage unet "$T_UNET" python bench/unet.py --device "$DEVICE" "${UNET[@]}" --out "$OUTDIR/unet.json"
 stage sample "$T_SAMPLE" python bench/sample.py --device "$DEVICE" "${SAMPLE[@]}" --out "$OUTDIR/sample.json"
 stage train "$T_TRAIN" python bench/train.py --device "$DEVICE" "${TRAIN[@]}" --out "$OUTDIR/train.json"
+if [ "$DEVICE" = cuda ] && python -c "import tensorrt, onnx" 2>/dev/null; then
+  stage tensorrt "$T_TRT" python bench/tensorrt.py "${TRT[@]}" --workdir "$OUTDIR/trt" --out "$OUTDIR/tensorrt.json"
+else
+  echo; echo "=== tensorrt: skipped (needs CUDA and pip install tensorrt onnx)"
+fi
 
 python - "$OUTDIR" <<'EOF'
 """One table: what this run measured, next to published figures (other machines, other code)."""
@@ -138,6 +150,11 @@ if t:
                      f"{r['images_per_s']:.1f} img/s",
                      f"{r['ms_per_step']:.0f} ms/step, {r.get('tflop_per_s', float('nan')):.1f} TFLOP/s, "
                      f"{r.get('peak_mem_gib', float('nan')):.1f} GiB", ""))
+r = load("tensorrt.json")
+if r:
+    for x in r["results"]:
+        rows.append((f"UNet call B={r['info']['batch']} {r['info']['size']}x{r['info']['size']} {x['impl']}",
+                     f"{1e3 / x['ms']:.1f} it/s", f"{x['ms']:.2f} ms, max rel err {x['rel_err']:.1e}", ""))
 published = [
     ("published: A100 diffusers + torch.compile, SD 1.5 512 px fp16", "~50 it/s", "", "A100"),
     ("published: A100 TensorRT, SD 1.5 512 px fp16", "~61 it/s", "", "A100"),

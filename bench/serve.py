@@ -10,7 +10,7 @@ Presets: tiny (configs/tiny.py's models, random weights, 32x32, ddim 10 steps, g
 shapes workdir, else random weights). One server (run_serve.py, HTTP and gRPC on free
 local ports) runs for the whole benchmark; each level sends --requests single-image
 requests (distinct prompts and seeds, the same settings) from `concurrency` client
-threads after one warm-up round. In-process: pipelines.txt2img in this process on the
+threads after a warm-up round (up to 4 requests). In-process: pipelines.txt2img in this process on the
 same checkpoint, one call of b = min(concurrency, max_batch_size) images (median of 3
 after a warm-up), i.e. images/s with the batch Triton can form at best. Overhead at
 concurrency 1 = server p50 latency / in-process batch-1 time - 1. Prints a table and
@@ -110,7 +110,7 @@ def main():
     with serving.server(cmd, http, os.path.join(work, "serve.log")):
         server = {"http": http, "grpc": grpc}
         for c in levels:
-            load(server, c, c, args.protocol, 10_000)  # warm-up round
+            load(server, min(c, 4), min(c, 4), args.protocol, 10_000)  # warm-up round
             execs0 = serving.metric(metrics, "nv_inference_exec_count")
             r = load(server, max(args.requests, c), c, args.protocol, 0)
             b = min(c, args.max_batch_size)
