@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from sd_func import fileio
+from sd_func.checkpoint import files
 from sd_func.errors import MissingFileError, UserError
 from sd_func.models import inception
 
@@ -69,13 +70,7 @@ def load_inception(path: str | None = None) -> tuple[dict, str]:
     if _is_torchscript(path):
         sd = torch.jit.load(path, map_location="cpu").state_dict()
         return inception.from_torchscript_state_dict(dict(sd)), "torchscript"
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a file we cannot read as tensors is the user's input problem
-        raise UserError(f"--inception={path}: not a torch state dict ({type(e).__name__}: {e})") from e
-    if not isinstance(sd, dict):
-        raise UserError(f"--inception={path}: expected a state dict, got a {type(sd).__name__}")
-    return inception.from_state_dict(sd), "pytorch_fid"
+    return inception.from_state_dict(files.read_torch(path)), "pytorch_fid"
 
 
 def preprocess(images, normalization: str, resize: str = "bilinear") -> torch.Tensor:
