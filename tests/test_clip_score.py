@@ -19,11 +19,8 @@ VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_att
               patch_size=8, hidden_act="quick_gelu")
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    """A tiny random CLIPModel + tokenizer + image processor; "openai" in the name makes
-    torchmetrics load it as a local CLIP folder (its only accepted kind of path)."""
-    d = tmp_path_factory.mktemp("clip") / "openai-clip-tiny"
+def tiny_clip_folder(d) -> str:
+    """A tiny random CLIPModel + tokenizer + image processor saved in folder d."""
     torch.manual_seed(0)
     ref = transformers.CLIPModel(transformers.CLIPConfig(text_config=TEXT, vision_config=VISION,
                                                          projection_dim=24)).eval()
@@ -39,6 +36,12 @@ def folder(tmp_path_factory):
     processor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     processor.save_pretrained(d)
     return str(d)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    # "openai" in the name makes torchmetrics' own loader accept it as a CLIP folder.
+    return tiny_clip_folder(tmp_path_factory.mktemp("clip") / "openai-clip-tiny")
 
 
 class _Features4(transformers.CLIPModel):

@@ -83,6 +83,7 @@ def test_fid_matches_pytorch_fid_and_torchmetrics(reference):
     tm = FrechetInceptionDistance(feature=Features())
     tm.update(torch.from_numpy(fa), real=True)
     tm.update(torch.from_numpy(fb), real=False)
+    assert fid.distance_to(fa, *fid.statistics(fb)) == ours  # n > D: the same computation
     errs = {name: abs(ours - ref) / abs(ref) for name, ref in
             [("pytorch_fid", reference["fid_features"]), ("pytorch_fid_npz", reference["fid_npz"]),
              ("torchmetrics", float(tm.compute()))]}
@@ -121,9 +122,13 @@ def test_statistics_files_and_distance_properties(tmp_path):
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
     d_ab = fid.frechet_distance(mu, sigma, *fid.statistics(fb))
     assert d_ab > 16 * 0.9  # the mean shift of 1.0 in each of 16 dims alone gives ~16
-    # Fewer samples than dimensions (a singular covariance) still gives a finite, non-negative value.
-    few = fid.frechet_distance(*fid.statistics(fa[:5]), *fid.statistics(fb[:5]))
+    # Fewer samples than dimensions (a singular covariance) still gives a finite, non-negative value,
+    # and distance_to's n x n route equals the D x D one there.
+    few = fid.frechet_distance(*fid.statistics(fa[:5]), *fid.statistics(fb))
     assert np.isfinite(few) and few > 0
+    assert fid.distance_to(fa[:5], *fid.statistics(fb)) == pytest.approx(few, rel=1e-6)
+    assert fid.distance_to(fa[:16], *fid.statistics(fb)) == pytest.approx(
+        fid.frechet_distance(*fid.statistics(fa[:16]), *fid.statistics(fb)), rel=1e-6)
 
 
 def test_bad_input_is_one_line(tmp_path):

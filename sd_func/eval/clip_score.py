@@ -34,7 +34,7 @@ HOW_TO_GET = ("a local Hugging Face CLIP folder, e.g. `huggingface-cli download 
 def load(folder: str | None, device=None) -> dict:
     """{"params", "cfg", "tokenizer", "processor"} of a CLIP folder; a one-line UserError otherwise."""
     if not folder:
-        raise UserError(f"CLIP score needs --clip=PATH: {HOW_TO_GET}")
+        raise UserError(f"CLIP score needs --clip=PATH: {HOW_TO_GET} (or --clip=none: FID only)")
     if not os.path.isdir(folder):
         raise MissingFileError(f"--clip={folder}: no such folder ({HOW_TO_GET})")
     weights = [os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))]

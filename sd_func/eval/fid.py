@@ -29,9 +29,11 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+import tqdm
 
 from sd_func import fileio
 from sd_func.checkpoint import files
+from sd_func.data import transforms
 from sd_func.errors import MissingFileError, UserError
 from sd_func.models import inception
 
@@ -138,6 +140,34 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     return float(d @ d + s1.trace() + s2.trace() - 2 * tr_covmean)
 
 
+def distance_to(feats, mu2, sigma2) -> float:
+    """The FID of features [n, D] against statistics (mu2, sigma2): frechet_distance(statistics(feats), ...).
+
+    With n <= D the covariance of the features is S1 = A^T A for the centred, scaled features
+    A = (X - mean) / sqrt(n - 1) [n, D], and S1 S2 = A^T (A S2) has the same non-zero
+    eigenvalues as the n x n PSD matrix A S2 A^T. That gives Tr((S1 S2)^(1/2)) exactly from
+    an n x n eigenproblem instead of two D x D ones (1000 images against 2048-d statistics:
+    ~1 s instead of ~10 s on a 2-core CPU).
+    """
+    x = torch.as_tensor(np.asarray(feats), dtype=torch.float64)
+    if x.ndim != 2 or len(x) < 2:
+        raise UserError(f"fid: at least 2 feature vectors [N, D] are needed, got shape {tuple(x.shape)}")
+    n, dim = x.shape
+    if n > dim:
+        return frechet_distance(*statistics(x), mu2, sigma2)
+    mu2 = torch.as_tensor(np.asarray(mu2), dtype=torch.float64)
+    s2 = torch.as_tensor(np.asarray(sigma2), dtype=torch.float64)
+    if mu2.shape != (dim,) or s2.shape != (dim, dim):
+        raise UserError(f"fid: features of dimension {dim} against statistics mu {tuple(mu2.shape)}, "
+                         f"sigma {tuple(s2.shape)}")
+    mu1 = x.mean(0)
+    a = (x - mu1) / (n - 1) ** 0.5
+    m = a @ s2 @ a.T
+    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
+    d = mu1 - mu2
+    return float(d @ d + (a * a).sum() + s2.trace() - 2 * tr_covmean)
+
+
 def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
     """pytorch-fid's statistics file (`np.savez_compressed(mu=, sigma=)`), written atomically."""
     def write(tmp):
@@ -163,3 +193,57 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape}: expected [D] and [D, D]")
     return mu, sigma
+
+
+# ---------------------------------------------------------------------------- image folders
+
+
+def list_images(folder: str, flag: str = "folder") -> list[str]:
+    """The image files directly in folder (sorted); a UserError for a missing folder, fewer
+    than 2 images, or images of mixed PIL modes (RGB next to L or RGBA: say which to use)."""
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"{flag}={folder}: no such folder")
+    paths = sorted(os.path.join(folder, f) for f in os.listdir(folder) if transforms.is_image(f))
+    if len(paths) < 2:
+        raise UserError(f"{flag}={folder}: {len(paths)} image(s); FID needs at least 2 "
+                         f"({', '.join(transforms.IMAGE_EXTENSIONS)})")
+    modes: dict[str, str] = {}
+    for p in paths:
+        with PIL.Image.open(p) as im:
+            modes.setdefault(im.mode, os.path.basename(p))
+    if len(modes) > 1:
+        raise UserError(f"{flag}={folder}: images of mixed modes {modes} (mode: first file); "
+                         "convert them to one mode (RGB) first")
+    return paths
+
+
+def read_images(paths) -> list[torch.Tensor]:
+    """uint8 [H, W, 3] tensors (RGB) of image files."""
+    out = []
+    for p in paths:
+        with PIL.Image.open(p) as im:
+            out.append(torch.from_numpy(np.array(im.convert("RGB"))))
+    return out
+
+
+def batches_of(paths, batch_size: int):
+    """uint8 [n, 299, 299, 3]-ready batches: images of one size stacked, others one by one."""
+    for i in range(0, len(paths), batch_size):
+        images = read_images(paths[i:i + batch_size])
+        if len({tuple(x.shape) for x in images}) == 1:
+            yield torch.stack(images)
+        else:
+            yield from (x[None] for x in images)
+
+
+def folder_statistics(params: dict, normalization: str, source: str, resize: str = "bilinear",
+                      batch_size: int = 32, flag: str = "--real", progress: bool = False):
+    """(mu, sigma, n, features) of an image folder, or of a .npz statistics file (n, features None)."""
+    if source.endswith(".npz"):
+        return (*load_stats(source), None, None)
+    paths = list_images(source, flag)
+    bar = tqdm.tqdm(total=len(paths), desc=f"inception {os.path.basename(source.rstrip('/'))}",
+                    disable=not progress, leave=False)
+    feats = features(params, normalization, batches_of(paths, batch_size), resize, bar=bar)
+    bar.close()
+    return (*statistics(feats), len(paths), feats)
