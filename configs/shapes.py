@@ -57,10 +57,13 @@ def get_config(arg=None):
         checkpoint_every=250, keep_checkpoints=2, log_every=50, sample_every=0)
     c.sample.update(height=64, width=64, sampler="euler_ancestral", steps=50, guidance_scale=3.0,
                     batch_size=30, dtype="float32", prompts=tuple(shapes.prompts()))
-    c.eval = ml_collections.ConfigDict(dict(kind="shapes", seed=1000, grid="samples.png"))
+    # fid_images: FID of that many generated images against as many dataset images (0: none).
+    c.eval = ml_collections.ConfigDict(dict(kind="shapes", seed=1000, grid="samples.png", fid_images=1000,
+                                            fid_batch_size=50))
 
     if smoke:
         c.vae_train.update(steps=4, batch_size=4, compile=False, checkpoint_every=2, log_every=2)
         c.train.update(steps=4, batch_size=4, compile=False, warmup=1, checkpoint_every=2, log_every=2)
         c.sample.update(steps=3, batch_size=6, prompts=tuple(shapes.prompts()[:6]))
+        c.eval.fid_images = 8
     return c

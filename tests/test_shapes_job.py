@@ -52,6 +52,7 @@ def test_all_stages_ran(workdir):
                                                                   cfg.sample.guidance_scale)
     assert len(ev["wrong"]) == round(ev["n"] * (1 - ev["accuracy"]))
     assert all(set(w) == {"index", "prompt", "read"} for w in ev["wrong"])
+    assert ev["fid_images"] == cfg.eval.fid_images == 8 and (ev["fid"] is None or ev["fid"] > 0)
     assert os.path.getsize(os.path.join(wd, "samples.png")) > 0
     # The trained VAE and its measured scaling factor are what the UNet stage trained on.
     init, init_cfg = checkpoint.load(os.path.join(wd, "vae", "init.safetensors"))

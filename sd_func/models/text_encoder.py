@@ -127,11 +127,12 @@ def init(key, cfg) -> dict:
     }}
 
 
-def _layer(p: dict, x: torch.Tensor, cfg, act) -> torch.Tensor:
+def encoder_layer(p: dict, x: torch.Tensor, cfg, act, is_causal: bool = True) -> torch.Tensor:
+    """One pre-LayerNorm CLIP transformer layer; causal for text, not for the vision tower (models/clip.py)."""
     a = p["self_attn"]
     h = nn.layer_norm(p["layer_norm1"], x, cfg.layer_norm_eps)
     h = nn.attention(nn.linear(a["q_proj"], h), nn.linear(a["k_proj"], h), nn.linear(a["v_proj"], h),
-                     heads=cfg.num_attention_heads, is_causal=True)
+                     heads=cfg.num_attention_heads, is_causal=is_causal)
     x = x + nn.linear(a["out_proj"], h)
     h = nn.layer_norm(p["layer_norm2"], x, cfg.layer_norm_eps)
     return x + nn.linear(p["mlp"]["fc2"], act(nn.linear(p["mlp"]["fc1"], h)))
@@ -156,5 +157,5 @@ def apply(p: dict, input_ids: torch.Tensor, cfg, clip_skip: int | None = None) -
     x = x + emb["position_embedding"]["weight"][: input_ids.shape[1]]
     act = nn.ACTIVATIONS[cfg.hidden_act]
     for i in range(cfg.num_hidden_layers - skip):
-        x = _layer(t["encoder"]["layers"][str(i)], x, cfg, act)
+        x = encoder_layer(t["encoder"]["layers"][str(i)], x, cfg, act)
     return nn.layer_norm(t["final_layer_norm"], x, cfg.layer_norm_eps)
