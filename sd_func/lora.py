@@ -32,6 +32,7 @@ TARGETS = {
     "conv": r"unet/(down_blocks|mid_block|up_blocks)/.*/(conv1|conv2|conv_shortcut|conv)/weight",  # LoCon
 }
 KEYS = ("lora_A", "lora_B", "alpha")
+TREE, ALPHA_TREE = "lora", "lora_alpha"  # a LoRA training run's trained and frozen trees
 WEIGHTS = ("lora_A", "lora_B")
 
 
@@ -138,6 +139,16 @@ def merge(params: dict, loras) -> dict:
         for lora_params, scale in loras:
             params = apply(params, tree.to(lora_params, device=_device(params)), scale)
     return params
+
+
+def merge_trained(params: dict) -> dict:
+    """Models with a training run's LoRA baked in: params {"unet", ..., ["lora": A/B tree,
+    "lora_alpha": alpha tree]} (train.unet_stage) -> the models alone."""
+    params = dict(params)
+    if TREE not in params:
+        return params
+    lora_params = join(params.pop(TREE), params.pop(ALPHA_TREE))
+    return merge(params, [(lora_params, 1.0)])
 
 
 def _device(params: dict):

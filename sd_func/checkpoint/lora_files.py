@@ -60,9 +60,10 @@ def kohya_names(params: dict) -> dict[str, str]:
     if "unet" in params:
         keys = list(tree.to_state_dict(params["unet"]))
         for key, entry in compvis_keys.unet_table(keys).items():
-            if key.endswith(".weight") and "unet/" + key[: -len(".weight")].replace(".", "/") in mods:
+            module = "unet/" + key.removesuffix(".weight").replace(".", "/")
+            if key.endswith(".weight") and module in mods:
                 ldm = entry.ldm[len(compvis_keys.UNET): -len(".weight")]
-                out.setdefault(_PREFIX["unet"] + ldm.replace(".", "_"), "unet/" + key[: -len(".weight")].replace(".", "/"))
+                out.setdefault(_PREFIX["unet"] + ldm.replace(".", "_"), module)
     return out
 
 
