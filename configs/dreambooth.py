@@ -7,7 +7,8 @@
 
 The first start generates config.data.num_class_images images of the class prompt with
 the base model (cfg.sample's sampler, steps and guidance) into <workdir>/class_images
-(or config.data.class_dir); a restart keeps those already there. Each global batch is
+(or config.data.class_dir); a restart keeps those already there. config.lora.rank > 0
+trains a LoRA instead of the whole UNet (the `lora` variant: rank 4, alpha 4). Each global batch is
 half instance images (instance prompt) and half class images (class prompt); the loss
 is mse(instance) + config.train.prior_loss_weight * mse(class). An empty class_prompt
 turns prior preservation off. config.train.train_text_encoder trains the text encoder
@@ -22,8 +23,7 @@ def _dreambooth(c, lora_rank: int = 0):
     c.data.update(kind="dreambooth", instance_dir="", instance_prompt="a photo of sks dog",
                   class_prompt="a photo of dog", class_dir="", num_class_images=100, random_flip=False)
     c.train.update(prior_loss_weight=1.0, cond_drop=0.0, train_text_encoder=False)
-    if lora_rank:
-        c.lora = lora.lora_config(rank=lora_rank, alpha=float(lora_rank))
+    c.lora = lora.lora_config(rank=lora_rank, alpha=4.0)  # rank 0: a full fine-tune
     return c
 
 
