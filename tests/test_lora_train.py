@@ -144,7 +144,8 @@ def test_lora_run_resumes_exports_and_samples(tmp_path):
     assert "resumed from step 2" in p.stderr + p.stdout
     t = runs.trees(workdir)
     assert all(k.startswith("lora/unet/") for k in t["params"])
-    assert any(k.startswith("lora_alpha/unet/") for k in t["frozen"]) and any(k.startswith("unet/") for k in t["frozen"])
+    assert any(k.startswith("lora_alpha/unet/") for k in t["frozen"])
+    assert any(k.startswith("unet/") for k in t["frozen"])
     lora_file = os.path.join(workdir, "pytorch_lora_weights.safetensors")
     meta = json.loads(checkpoint.files.safetensors_header(lora_file)[1]["lora_adapter_metadata"])
     assert meta["unet.r"] == 4 and meta["unet.lora_alpha"] == 4.0
@@ -204,8 +205,8 @@ def test_dreambooth_run(tmp_path):
     checkpoint.save(params, cfg, base)
     instance = _instance_folder(str(tmp_path / "dog"))
     workdir = str(tmp_path / "run")
-    args = ["--config=configs/dreambooth.py:tiny", f"--config.init_from={base}", f"--config.data.instance_dir={instance}",
-            "--config.sample.steps=2", "--config.lora.rank=2"]
+    args = ["--config=configs/dreambooth.py:tiny", f"--config.init_from={base}",
+            f"--config.data.instance_dir={instance}", "--config.sample.steps=2", "--config.lora.rank=2"]
     p = runs.run(args, workdir)
     assert "generated 4 class images" in p.stdout
     rows = runs.rows(workdir)
