@@ -20,8 +20,11 @@ import torch.nn.functional as F
 import train_runs as runs
 from configs import dreambooth as dreambooth_config
 from configs import lora as lora_config
+from configs import shapes_lora as shapes_lora_config
 from sd_func import checkpoint, data, lora, pipelines, random, tree
+from sd_func.data import shapes as shapes_data
 from sd_func.diffusion import schedules
+from sd_func.eval import shapes as shapes_eval
 from sd_func.models import autoencoder, text_encoder, unet
 from sd_func.pipelines import images as image_io
 from sd_func.train import dreambooth, unet_stage
@@ -212,3 +215,18 @@ def test_dreambooth_run(tmp_path):
     rows = runs.rows(workdir)
     assert rows and all(np.isfinite(r["loss"]) for r in rows)
     assert all(k.startswith("lora/") for k in runs.trees(workdir)["params"])
+
+
+def test_shapes_new_colors_are_drawn_and_read():
+    """The fine-tuning colors: only in data that asks for them, read back by the analyzer."""
+    assert len(shapes_data.prompts()) == 90 and not any("orange" in p or "purple" in p for p in shapes_data.prompts())
+    cfg = shapes_lora_config.get_config("smoke")
+    source = data.make_source(cfg.data, 0)
+    captions = [c for s in range(30) for c in source.batch(s, 4)["captions"]]
+    assert all(c.startswith("a orange ") for c in captions)
+    assert len(set(captions)) <= 18 and source.num_examples == shapes_lora_config.NUM_EXAMPLES
+    for color in shapes_data.NEW_COLORS:
+        imgs = [shapes_data.draw(color, s, b, 16.0, (32, 32)) for b in shapes_data.COLORS for s in shapes_data.SHAPES]
+        reads = [shapes_eval.analyze(i) for i in imgs]
+        assert [r["color"] for r in reads] == [color] * 18
+        assert [r["shape"] for r in reads] == list(shapes_data.SHAPES) * 6

@@ -8,7 +8,7 @@ resolution), drawn with numpy, anti-aliased (exact coverage along x, 8 samples
 per pixel along y). The caption is
 "a {color} {shape} on a {background} background": 6 * 5 * 3 = 90 prompts, which
 `sd_func.eval.shapes` reads back from pixels. NEW_COLORS are never in the default data:
-a fine-tune teaches them (configs/shapes_lora.py: `colors=("purple",)` draws only purple
+a fine-tune teaches them (configs/shapes_lora.py: `colors=("orange",)` draws only orange
 shapes, on the usual backgrounds, from a finite set of `num_examples` examples).
 """
 
@@ -28,7 +28,10 @@ COLORS = {
     "white": (240, 240, 240),
     "black": (25, 25, 25),
 }
-NEW_COLORS = {"purple": (140, 50, 190)}  # words the main job's data never shows
+# Words the main job's data never shows, for fine-tunes to teach. The main job's VAE
+# reconstructs orange (between its red and yellow) as orange in 15 of 18 shape/background
+# cases, purple in none (it comes back green or blue): a UNet fine-tune can teach orange.
+NEW_COLORS = {"orange": (230, 120, 40), "purple": (140, 50, 190)}
 ALL_COLORS = {**COLORS, **NEW_COLORS}
 SHAPES = ("circle", "square", "triangle")
 HALF_SIZE = (12.0, 22.0)   # at 64 px

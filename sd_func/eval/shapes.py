@@ -10,7 +10,7 @@ background, classified by geometry: the fraction of its bounding box it fills
 half of the box (1/2 for the symmetric circle and square, 1/4 for a triangle
 with its apex up). Images are first resized to 64 x 64, the scale the dataset's
 sizes are given at. The palette includes the colors only fine-tunes teach
-(shapes_data.NEW_COLORS: purple).
+(shapes_data.NEW_COLORS: orange, purple).
 """
 
 import numpy as np
