@@ -11,6 +11,7 @@ class examples, and class images are generated once (resumable).
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -24,10 +25,11 @@ from configs import shapes_lora as shapes_lora_config
 from sd_func import checkpoint, data, lora, pipelines, random, tree
 from sd_func.data import shapes as shapes_data
 from sd_func.diffusion import schedules
+from sd_func.errors import UserError
 from sd_func.eval import shapes as shapes_eval
 from sd_func.models import autoencoder, text_encoder, unet
 from sd_func.pipelines import images as image_io
-from sd_func.train import dreambooth, unet_stage
+from sd_func.train import checks, dreambooth, unet_stage
 
 B = 4
 
@@ -230,3 +232,21 @@ def test_shapes_new_colors_are_drawn_and_read():
         reads = [shapes_eval.analyze(i) for i in imgs]
         assert [r["color"] for r in reads] == [color] * 18
         assert [r["shape"] for r in reads] == list(shapes_data.SHAPES) * 6
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rank=-1", "config.lora.rank=-1: expected an integer >= 0"),
+    ("alpha=0.0", "config.lora.alpha=0.0: expected a number > 0"),
+    ("target=(", "config.lora.target='(': not target names"),
+    ("format=peft", "config.lora.format='peft': expected one of"),
+])
+def test_bad_lora_config_is_one_line(override, message):
+    cfg = lora_config.get_config("tiny")
+    key, value = override.split("=")
+    cfg.lora[key] = type(cfg.lora[key])(value)
+    with pytest.raises(UserError, match=re.escape(message)):
+        checks.validate(cfg)
+    cfg = lora_config.get_config("tiny")
+    cfg.lora.target = "unet/nothing/.*"
+    with pytest.raises(UserError, match="config.lora: LoRA target 'unet/nothing/.*' matches no linear or conv"):
+        unet_stage.setup(cfg, {"unet": unet.init(random.key(0), cfg.unet)}, 0)
