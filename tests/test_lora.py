@@ -165,6 +165,24 @@ def test_unmatched_keys_are_one_error_naming_the_file(sd, tmp_path):
     fileio.write_safetensors(sd_d, f, metadata=meta)
     with pytest.raises(checkpoint.CheckpointError, match=r"bad\.safetensors: LoRA module unet/.* has no lora_A"):
         checkpoint.load_lora(f, params)
+    sd_d, meta = lora_files.to_diffusers(random_lora(params, 4, target="attn"))
+    sd_d["unet.mid_block.attentions.3.proj_out.lora_A.weight"] = torch.zeros(4, 64)
+    fileio.write_safetensors(sd_d, f, metadata=meta)
+    with pytest.raises(checkpoint.CheckpointError, match=r"bad\.safetensors: LoRA keys that name no module of "
+                                                         r"the model: unet\.mid_block\.attentions\.3\.proj_out"):
+        checkpoint.load_lora(f, params)
+
+
+def test_linear_shaped_lora_of_a_1x1_conv_is_reshaped(sd, tmp_path):
+    """SD 1.x's proj_in/proj_out are 1x1 convs, SD 2.x's linears; files carry either shape."""
+    _, params, _ = sd
+    lp = random_lora(params, 10, target=r"unet/.*/proj_(in|out)/weight")
+    assert all(m["lora_A"].ndim == 4 for m in lora.modules(lp).values())
+    flat = {k: v[:, :, 0, 0] if v.ndim == 4 else v for k, v in lora_files.to_kohya(lp).items()}
+    f = str(tmp_path / "linear.safetensors")
+    fileio.write_safetensors(flat, f)
+    back = checkpoint.load_lora(f, params)
+    assert all(torch.equal(a, tree.flatten(lp)[k]) for k, a in tree.flatten(back).items())
 
 
 def test_two_loras_compose_as_diffusers_adapters(sd, tmp_path):
