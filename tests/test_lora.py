@@ -247,3 +247,16 @@ def test_run_sample_lora_errors(sd, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"run_sample.py: error: {f}: LoRA keys that name no module of the model: "
                               "lora_te_text_model_encoder_layers_5_")
+
+
+def test_merged_model_saves_in_every_format(sd, tmp_path):
+    _, params, cfg = sd
+    merged = lora.merge(params, [(random_lora(params, 11, target="attn,conv,te_attn"), 0.8)])
+    q = "down_blocks/0/attentions/0/transformer_blocks/0/attn1/to_q/weight"
+    assert not torch.equal(tree.flatten(merged["unet"])[q], tree.flatten(params["unet"])[q])
+    for fmt, name in (("native", "m.safetensors"), ("diffusers", "m_diffusers"), ("compvis", "m_cv.safetensors")):
+        checkpoint.save(merged, cfg, str(tmp_path / name), format=fmt)
+        back, _ = checkpoint.load(str(tmp_path / name), cfg=cfg)
+        for section in ("unet", "text_encoder"):
+            got = tree.flatten(back[section])
+            assert all(torch.equal(got[k], v) for k, v in tree.flatten(merged[section]).items()), (fmt, section)
