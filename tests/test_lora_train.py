@@ -111,6 +111,22 @@ def test_compiled_lora_step_matches_eager(models):
     assert max(float((mu_e[k] - mu_c[k]).abs().max()) for k in mu_e) < 1e-4 * scale
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_lora_steps_stay_near_fp32(models, precision):
+    cfg = _cfg()
+    ref, _, l_ref = _train(cfg, models, 3)
+    cfg.train.precision = precision
+    got, _, l_got = _train(cfg, models, 3)
+    assert l_got != l_ref and l_got == pytest.approx(l_ref, rel=2e-2)  # reduced precision really ran
+    assert all(v.dtype == torch.float32 for v in tree.leaves(got["params"]))  # fp32 master weights
+    flat = lambda s: torch.cat([v.reshape(-1) for v in tree.flatten(s["params"]).values()])
+    p0 = flat(unet_stage.setup(cfg, models["params"], random.key(9))[0])
+    cos = F.cosine_similarity(flat(got) - p0, flat(ref) - p0, dim=0)
+    rel = (flat(got) - flat(ref)).norm() / (flat(ref) - p0).norm()
+    print(f"LoRA {precision}: loss {l_got[-1]:.5f} vs fp32 {l_ref[-1]:.5f}; update cosine {cos:.4f}, rel {rel:.4f}")
+    assert cos > 0.98 and rel < 0.2
+
+
 def test_prior_preservation_loss_is_diffusers_formula(models):
     """diffusers' train_dreambooth.py: model_pred, model_pred_prior = chunk(model_pred, 2) (and
     the target), loss = mse(pred, target) + prior_loss_weight * mse(pred_prior, target_prior)."""
