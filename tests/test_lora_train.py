@@ -165,6 +165,16 @@ def test_lora_run_resumes_exports_and_samples(tmp_path):
     assert "resumed from step 2" in p.stderr + p.stdout
     t = runs.trees(workdir)
     assert all(k.startswith("lora/unet/") for k in t["params"])
+    # torchrun, 2 ranks x batch 2 == 1 process x batch 4: the moments to float32 summation
+    # order (bounds and why: test_train_loop.py::test_two_processes_match_one)
+    two = str(tmp_path / "two")
+    runs.run(args, two, "--config.train.steps=4", nproc=2)
+    t2 = runs.trees(two)
+    for name in ("mu", "nu"):
+        keys = [k for k in t["opt"] if k.startswith(f"adamw/{name}/")]
+        err = max((t2["opt"][k] - t["opt"][k]).abs().max().item() for k in keys)
+        assert err <= 1e-5 * max(t["opt"][k].abs().max().item() for k in keys), name
+    assert max((t2["params"][k] - t["params"][k]).abs().max().item() for k in t["params"]) <= 1e-2 / 4
     assert any(k.startswith("lora_alpha/unet/") for k in t["frozen"])
     assert any(k.startswith("unet/") for k in t["frozen"])
     lora_file = os.path.join(workdir, "pytorch_lora_weights.safetensors")
