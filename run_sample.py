@@ -2,7 +2,7 @@
 
   python run_sample.py --config=configs/txt2img.py --ckpt=PATH --prompt="a photo of a cat" \
       [--prompt=... | --prompts_file=FILE] [--negative_prompt=...] [--seed=0] [--num_images=4] \
-      [--latents=FILE.safetensors] [--init_image=IMG [--mask=MASK] [--strength=0.8]] \
+      [--lora=FILE[:SCALE] ...] [--latents=FILE.safetensors] [--init_image=IMG [--mask=MASK] [--strength=0.8]] \
       [--config.sample.sampler=dpmpp_2m --config.sample.steps=25 ...] --outdir=out/
 
 --ckpt: a diffusers folder, CompVis .safetensors/.ckpt, sd_func native .safetensors, or a
@@ -35,6 +35,8 @@ flags.DEFINE_string("latents", None, "safetensors file with a tensor `latents` [
 flags.DEFINE_string("init_image", None, "Init image: img2img, or inpaint with --mask.")
 flags.DEFINE_string("mask", None, "Inpainting mask, the init image's size (white = repaint).")
 flags.DEFINE_float("strength", None, "How far to noise the init image (default 0.8 img2img, 1.0 inpaint).")
+flags.DEFINE_multi_string("lora", [], "A LoRA file (diffusers or kohya .safetensors), optionally :SCALE "
+                          "(default 1.0); repeatable, merged in order.")
 flags.DEFINE_string("outdir", "out", "Output folder.")
 FLAGS = flags.FLAGS
 
@@ -43,7 +45,8 @@ def main(argv):
     prompts = job.read_prompts(FLAGS.prompt, FLAGS.prompts_file)
     paths = job.run(FLAGS.config, FLAGS.ckpt, prompts, FLAGS.outdir, negative_prompt=FLAGS.negative_prompt,
                     seed=FLAGS.seed, num_images=FLAGS.num_images, latents=FLAGS.latents,
-                    init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength)
+                    init_image=FLAGS.init_image, mask=FLAGS.mask, strength=FLAGS.strength,
+                    loras=FLAGS.lora)
     print(f"wrote {len(paths) - 1} images and {paths[-1]}")
 
 

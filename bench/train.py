@@ -3,6 +3,7 @@
   python bench/train.py [--preset tiny|shapes|mid|sd15] [--batch 8] [--steps 10] [--warmup 2]
       [--precision bf16|fp16|fp32|tf32] [--inputs latents|images]
       [--modes sd_func_compiled,sd_func_eager,diffusers_eager,diffusers_compiled] [--out train_bench.json]
+  python bench/train.py --lora 32 [--preset ...]     # LoRA step vs full fine-tune step, same model
 
 Every mode does the same training step on the same config and the same UNet weights:
 (images: frozen VAE encode + CLIP text encoder; latents: precached VAE moments + text
@@ -15,6 +16,11 @@ cond dropout 0.1 and the same autocast precision (fp32 master weights).
 - diffusers_eager: UNet2DConditionModel + loss.backward() + clip_grad_norm_(foreach) +
   torch.optim.AdamW(foreach=True) + an in-place foreach EMA (what diffusers'
   train_text_to_image.py does); diffusers_compiled: the same with torch.compile(unet).
+- --lora R: sd_func_lora_eager / sd_func_lora_compiled: the same step training a rank-R LoRA
+  (alpha R) on the UNet's attention projections, the base frozen (configs/lora.py); the
+  default modes become sd_func_eager,sd_func_lora_eager (+ the compiled pair on CUDA).
+  peak_mem_gib: CUDA max allocated, or on a CPU the process's peak RSS during the timed
+  steps (bench.common.PeakMemory); peak_over_start_gib: above what was held before them.
 
 Images/s = batch * steps / time after `--warmup` steps (the first includes compilation,
 reported as compile_s). TFLOP/s counts the step's matmul/conv/attention FLOPs
@@ -30,13 +36,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import shapes, tiny, txt2img
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # puts the repo root on sys.path
+
+from configs import lora, shapes, tiny, txt2img
 from sd_func import backend, random, tree
 from sd_func.models import autoencoder, text_encoder, unet
 from sd_func.train import unet_stage
 
 MODES = ("sd_func_compiled", "sd_func_eager", "diffusers_eager", "diffusers_compiled")
+LORA_MODES = ("sd_func_lora_compiled", "sd_func_lora_eager")
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -87,10 +96,15 @@ def make_batches(cfg, args, device, frozen):
     return out
 
 
-def sd_func_mode(cfg, params, frozen, batches, compiled: bool, backend: str = "inductor"):
+def sd_func_mode(cfg, params, frozen, batches, compiled: bool, backend: str = "inductor", lora_rank: int = 0):
     cfg = cfg.copy_and_resolve_references()
     cfg.train.compile = compiled
-    init, tx, lay = unet_stage.init(cfg, params["unet"])
+    if lora_rank:  # the LoRA alone trains; the base UNet and the alphas join the frozen inputs
+        cfg.lora = lora.lora_config(rank=lora_rank, alpha=float(lora_rank), target="attn")
+        init, tx, lay, frozen_models = unet_stage.setup(cfg, {"unet": params["unet"]}, random.key(3))
+        frozen = dict(frozen, **frozen_models)
+    else:
+        init, tx, lay = unet_stage.init(cfg, params["unet"])
     fn = unet_stage.make_train_step(cfg, tx, lay, world=1, backend=backend)
     state = {"s": init}
 
@@ -169,7 +183,8 @@ def run_mode(name, cfg, params, frozen, batches, args, device):
         torch.cuda.reset_peak_memory_stats(device)
     compiled = name.endswith("compiled")
     if name.startswith("sd_func"):
-        step = sd_func_mode(cfg, params, frozen, batches, compiled, args.backend)
+        step = sd_func_mode(cfg, params, frozen, batches, compiled, args.backend,
+                            args.lora if name in LORA_MODES else 0)
     else:
         step = diffusers_mode(cfg, params, frozen, batches, compiled, device, args.backend)
     t0 = time.perf_counter()
@@ -179,15 +194,14 @@ def run_mode(name, cfg, params, frozen, batches, args, device):
     for b in batches[1:args.warmup]:
         step(b)
     sync(device)
-    t0 = time.perf_counter()
-    for b in batches[args.warmup:]:
-        loss = step(b)
-    sync(device)
-    dt = time.perf_counter() - t0
+    with common.PeakMemory(device) as mem:
+        t0 = time.perf_counter()
+        for b in batches[args.warmup:]:
+            loss = step(b)
+        sync(device)
+        dt = time.perf_counter() - t0
     res = {"mode": name, "images_per_s": args.batch * args.steps / dt, "ms_per_step": 1e3 * dt / args.steps,
-           "compile_s": compile_s, "final_loss": float(loss)}
-    if device.type == "cuda":
-        res["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+           "compile_s": compile_s, "final_loss": float(loss), **mem.result()}
     torch._dynamo.reset()
     return res
 
@@ -200,12 +214,17 @@ def main():
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--precision", default=None, help="default: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--inputs", default="latents", choices=("latents", "images"))
-    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--modes", default=None, help=f"default: {','.join(MODES)}")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank: compare a LoRA step with a full one")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="train_bench.json")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a quick smoke run)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.modes is None:
+        pairs = (("sd_func_compiled", "sd_func_lora_compiled"),) if device.type == "cuda" else ()
+        args.modes = ",".join(MODES) if not args.lora else ",".join(
+            [m for pair in pairs for m in pair] + ["sd_func_eager", "sd_func_lora_eager"])
     cfg = get_config(args.preset)
     cfg.train.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     cfg.train.update(warmup=0, grad_clip=1.0, cond_drop=0.1)
@@ -220,17 +239,19 @@ def main():
     else:
         frozen = {"uncond_context": text_encoder.apply(te, uncond_ids[None], cfg.text_encoder)}
     batches = make_batches(cfg, args, device, frozen)
-    info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+    info = {**common.machine_info(device),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "preset": args.preset, "batch": args.batch, "steps": args.steps,
             "precision": cfg.train.precision, "inputs": args.inputs, "resolution": cfg.data.resolution,
-            "unet_params": tree.num_params(params["unet"]), "threads": torch.get_num_threads()}
+            "unet_params": tree.num_params(params["unet"]), "threads": torch.get_num_threads(),
+            "lora_rank": args.lora}
     flops = count_flops(diffusers_mode(cfg, params, frozen, batches, False, device), batches[0])
     info["gflop_per_step"] = flops / 1e9 if flops else None
     print(json.dumps(info))
     results = []
     for name in args.modes.split(","):
-        if name not in MODES:
-            raise ValueError(f"--modes: unknown {name!r}; expected {MODES}")
+        if name not in MODES + (LORA_MODES if args.lora else ()):
+            raise ValueError(f"--modes: unknown {name!r}; expected {MODES} (or {LORA_MODES} with --lora)")
         res = run_mode(name, cfg, params, frozen, batches, args, device)
         if flops:
             res["tflop_per_s"] = flops / (res["ms_per_step"] / 1e3) / 1e12

@@ -8,7 +8,9 @@ the config has a `vae_train` section: stage 1 trains the AutoencoderKL
 the whole model (trained VAE with its latent scaling factor, freshly initialised
 UNet and text encoder) that stage 2 starts from through `config.init_from`. With an
 `eval` section the run ends by sampling the config's prompts with the EMA weights,
-writing the grid and printing the score (sd_func.eval.prompts). Every stage resumes
+writing the grid and printing the score (sd_func.eval.prompts); with cfg.eval.before
+(a fine-tune) the config.init_from model is scored the same way first, into
+<workdir>/before/eval.json, so the two numbers compare. Every stage resumes
 or is skipped when it is already done, so the one command can be run again after
 an interruption.
 """
@@ -60,16 +62,25 @@ def run(cfg, workdir: str, compile_backend: str = "inductor", log=print) -> dict
         with cfg.unlocked():
             cfg.init_from = init
     t0 = time.time()
+    if "eval" in cfg and cfg.eval.get("before", False) and _rank() == 0:
+        before = os.path.join(workdir, "before")
+        if not os.path.isfile(os.path.join(before, "eval.json")):
+            log("scoring the base model (config.init_from) before fine-tuning:")
+            _evaluate(*checkpoint.load(cfg.init_from, ema=None), cfg, before, log)
     loop.train(cfg, workdir, compile_backend=compile_backend)
     if "eval" not in cfg or _rank() != 0:
         return {}
-    params, stored = checkpoints.load_model(workdir, ema=True)
+    result = _evaluate(*checkpoints.load_model(workdir, ema=True), cfg, workdir, log)
+    log(f"training + evaluation took {time.time() - t0:.0f} s after the autoencoder stage")
+    return result
+
+
+def _evaluate(params: dict, stored, cfg, outdir: str, log) -> dict:
+    """eval.prompts.evaluate of a model (params + its stored model config) with cfg's other sections."""
     if torch.cuda.is_available():
         params = tree.to(params, device="cuda")
     cfg = cfg.copy_and_resolve_references()
     with cfg.unlocked():
         for k in ("unet", "vae", "text_encoder", "diffusion"):
             cfg[k] = stored[k]
-    result = eval_prompts.evaluate(params, cfg, workdir, log=log)
-    log(f"training + evaluation took {time.time() - t0:.0f} s after the autoencoder stage")
-    return result
+    return eval_prompts.evaluate(params, cfg, outdir, log=log)

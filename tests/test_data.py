@@ -108,7 +108,7 @@ def test_shapes_captions_palette_geometry():
     big, _ = shapes.example(0, 0, resolution=128)
     assert big.shape == (128, 128, 3)
     with pytest.raises(ValueError, match="not 'a"):
-        shapes.parse("a purple circle on a red background")
+        shapes.parse("a violet circle on a red background")  # purple and orange: shapes.NEW_COLORS
 
 
 # ---------------------------------------------------------------- folder

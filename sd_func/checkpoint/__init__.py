@@ -2,6 +2,8 @@
 
   params, cfg = checkpoint.load(path, cfg=None, ema=False, dtype=None)   # format detected
   checkpoint.save(params, cfg, path, format="native" | "diffusers" | "compvis")
+  lora_params = checkpoint.load_lora(path, params)    # diffusers/PEFT or kohya LoRA file
+  checkpoint.save_lora(lora_params, path, format="diffusers" | "kohya")
 
 params = {"unet", "vae", "text_encoder"} trees whose "/"-paths are diffusers/transformers
 state-dict names; cfg has cfg.unet, cfg.vae, cfg.text_encoder, cfg.diffusion (and, when a
@@ -9,20 +11,25 @@ cfg is passed to `load`, its other sections are kept). Every load is strict: a m
 unexpected or wrongly shaped tensor, an unknown format or a corrupt file raises
 CheckpointError (a ValueError; CheckpointNotFoundError is also a FileNotFoundError) naming
 the file and the first offending keys. Every save is atomic (temp file or folder, then
-rename). Formats: native.py, diffusers_format.py, compvis.py (+ compvis_keys.py); an
+rename). Formats: native.py, diffusers_format.py, compvis.py (+ compvis_keys.py), LoRA
+files in lora_files.py (trees of sd_func.lora); an
 sd_func training workdir (or one of its checkpoint folders) also loads, through
 training.py (the format sd_func.train writes).
 """
 
 import os
 
-from sd_func.checkpoint import compvis, diffusers_format, files, native, training
+from sd_func.checkpoint import compvis, diffusers_format, files, lora_files, native, training
 from sd_func.checkpoint.files import CheckpointError, CheckpointNotFoundError
 
 FORMATS = ("native", "diffusers", "compvis")
 _TORCH_EXT = (".ckpt", ".pt", ".pth", ".bin")
 
-__all__ = ["FORMATS", "CheckpointError", "CheckpointNotFoundError", "detect", "load", "save"]
+load_lora = lora_files.read
+save_lora = lora_files.save
+
+__all__ = ["FORMATS", "CheckpointError", "CheckpointNotFoundError", "detect", "load", "load_lora", "save",
+           "save_lora"]
 
 
 def detect(path: str) -> str:

@@ -22,7 +22,7 @@ import shutil
 import ml_collections
 import torch
 
-from sd_func import fileio, tree
+from sd_func import fileio, lora, tree
 from sd_func.checkpoint.files import CheckpointError, CheckpointNotFoundError
 
 META = "checkpoint.json"
@@ -186,9 +186,9 @@ def load_model(path: str, ema: bool = True) -> tuple[dict, ml_collections.Config
     cfg = config_from_json(meta["config"])
     trained = load_tree(ckpt, "ema" if ema and "ema" in meta["files"] else "params")
     params = dict(load_tree(ckpt, "frozen"))
-    if "unet" not in trained:  # the state holds the UNet tree itself
+    if "unet" not in trained and lora.TREE not in trained:  # the state holds the UNet tree itself
         trained = {"unet": trained}
-    params.update(trained)
+    params = lora.merge_trained(dict(params, **trained))  # a LoRA run: its LoRA baked into the base
     return {k: params[k] for k in ("unet", "vae", "text_encoder") if k in params}, cfg
 
 

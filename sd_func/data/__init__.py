@@ -1,4 +1,4 @@
-"""Training data sources, chosen by config.data.kind: shapes, folder, webdataset, latents.
+"""Training data sources, chosen by config.data.kind: shapes, folder, webdataset, latents, dreambooth.
 
     source = data.make_source(cfg.data, seed, rank=0, world=1)
     batch = source.batch(step, global_batch)
@@ -13,16 +13,17 @@ global index), whatever the world size; webdataset is a stream per rank whose
 position is its state.
 """
 
-from sd_func.data import folder, latents, loader, shapes, webdataset
+from sd_func.data import dreambooth, folder, latents, loader, shapes, webdataset
 from sd_func.errors import UserError
 
-__all__ = ["KINDS", "folder", "latents", "loader", "make_source", "shapes", "webdataset"]
+__all__ = ["KINDS", "dreambooth", "folder", "latents", "loader", "make_source", "shapes", "webdataset"]
 
 KINDS = {
     "shapes": shapes.make_source,
     "folder": folder.make_source,
     "webdataset": webdataset.make_source,
     "latents": latents.make_source,
+    "dreambooth": dreambooth.make_source,
 }
 
 

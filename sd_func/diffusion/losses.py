@@ -54,11 +54,12 @@ def min_snr_weight(snr_t: torch.Tensor, gamma: float, prediction_type: str) -> t
 def diffusion_loss(model_fn, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor,
                    alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon",
                    min_snr_gamma: float = 0.0, noise_offset: float = 0.0,
-                   offset_noise: torch.Tensor | None = None) -> torch.Tensor:
+                   offset_noise: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of the (weighted) per-example MSE; float32 0-d tensor.
 
     x0: clean latents [B,C,h,w]; eps: standard normal noise like x0; t: int timesteps [B];
-    offset_noise: [B,C] standard normal, used when noise_offset > 0.
+    offset_noise: [B,C] standard normal, used when noise_offset > 0; weights: [B] per-example
+    loss weights (DreamBooth's prior preservation, train.unet_stage.prior_weights).
     """
     if noise_offset:
         if offset_noise is None:
@@ -71,4 +72,6 @@ def diffusion_loss(model_fn, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tenso
     per_example = (pred - target(x0, eps, alpha_bar, prediction_type)).pow(2).mean(dim=(1, 2, 3))
     if min_snr_gamma and min_snr_gamma > 0:
         per_example = per_example * min_snr_weight(snr(alpha_bar[:, 0, 0, 0]), min_snr_gamma, prediction_type)
+    if weights is not None:
+        per_example = per_example * weights.to(per_example.dtype)
     return per_example.mean()

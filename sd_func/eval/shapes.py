@@ -9,7 +9,8 @@ background, classified by geometry: the fraction of its bounding box it fills
 (circle pi/4, square 1, triangle 1/2) and the fraction of its area in the upper
 half of the box (1/2 for the symmetric circle and square, 1/4 for a triangle
 with its apex up). Images are first resized to 64 x 64, the scale the dataset's
-sizes are given at.
+sizes are given at. The palette includes the colors only fine-tunes teach
+(shapes_data.NEW_COLORS: orange, purple).
 """
 
 import numpy as np
@@ -19,8 +20,8 @@ from PIL import Image
 from sd_func.data import shapes as shapes_data
 
 SIZE = 64
-PALETTE = np.array(list(shapes_data.COLORS.values()), np.float32)
-NAMES = list(shapes_data.COLORS)
+PALETTE = np.array(list(shapes_data.ALL_COLORS.values()), np.float32)  # with the fine-tuning colors
+NAMES = list(shapes_data.ALL_COLORS)
 # (fill of bounding box, fraction of area in the upper half) of each ideal shape
 PROTOTYPES = {"circle": (np.pi / 4, 0.5), "square": (1.0, 0.5), "triangle": (0.5, 0.25)}
 

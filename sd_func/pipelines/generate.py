@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sd_func import random, tree
+from sd_func import lora, random, tree
 from sd_func.diffusion import guidance, samplers
 from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, tokenizer
@@ -142,8 +142,9 @@ def _latent_size(cfg, o, latents, image=None):
 
 @torch.no_grad()
 def _run(params, cfg, prompts, seeds, negative_prompt, latents, o, mode, init_image=None, mask=None,
-         strength=1.0):
+         strength=1.0, loras=()):
     device = device_of(params)
+    params = lora.merge(params, loras or ())
     p = {k: tree.cast(v, torch_dtype(o.dtype, device)) for k, v in params.items()}
     image = None if init_image is None else imgs.image_to_tensor(init_image)
     m = None
@@ -234,7 +235,8 @@ def _sample_chunk(p, cfg, o, prompts, negs, job, call, bar):
 # ----------------------------------------------------------------------------- public
 
 
-def txt2img(params, cfg, prompts, seeds=None, *, negative_prompt="", latents=None, options=None, **overrides):
+def txt2img(params, cfg, prompts, seeds=None, *, negative_prompt="", latents=None, options=None, loras=(),
+            **overrides):
     """Text to image. Returns uint8 [B,H,W,3] (output_type "float": [B,H,W,3] in [0, 1] before
     quantisation; "latent": the final scaled latents [B,C,h,w]).
 
@@ -246,11 +248,11 @@ def txt2img(params, cfg, prompts, seeds=None, *, negative_prompt="", latents=Non
     it, over cfg.sample (see options.py).
     """
     o = resolve(cfg, options, **overrides)
-    return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "txt2img")
+    return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "txt2img", loras=loras)
 
 
 def img2img(params, cfg, prompts, init_image, strength=0.8, seeds=None, *, negative_prompt="", latents=None,
-            options=None, **overrides):
+            options=None, loras=(), **overrides):
     """SDEdit: init_image (uint8 [H,W,3] / [B,H,W,3], PIL, or float [B,3,H,W] in [0, 1]) encoded,
     noised to the step that `strength` selects (diffusers: the last int(steps * strength)
     steps run), then denoised. latents, if given, is the noise added to the image.
@@ -258,11 +260,11 @@ def img2img(params, cfg, prompts, init_image, strength=0.8, seeds=None, *, negat
     Options as txt2img's."""
     o = resolve(cfg, options, **_sized_by_image(overrides, "img2img"))
     return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "img2img", init_image=init_image,
-                strength=strength)
+                strength=strength, loras=loras)
 
 
 def inpaint(params, cfg, prompts, init_image, mask, strength=1.0, seeds=None, *, negative_prompt="",
-            latents=None, options=None, **overrides):
+            latents=None, options=None, loras=(), **overrides):
     """Repaint where mask >= 0.5 (white), keep the rest. A 9-channel inpainting UNet sees
     [x, mask, masked-image latents] at every step (StableDiffusionInpaintPipeline); a
     4-channel UNet gets the known region blended back after each step (inpaint_blend, a
@@ -273,7 +275,7 @@ def inpaint(params, cfg, prompts, init_image, mask, strength=1.0, seeds=None, *,
     Options as txt2img's."""
     o = resolve(cfg, options, **_sized_by_image(overrides, "inpaint"))
     return _run(params, cfg, prompts, seeds, negative_prompt, latents, o, "inpaint", init_image=init_image,
-                mask=mask, strength=strength)
+                mask=mask, strength=strength, loras=loras)
 
 
 def _sized_by_image(overrides, mode):

@@ -5,7 +5,8 @@ a CompVis file, a native file or a training workdir (its newest checkpoint, EMA
 weights when cfg.sample.ema) - and the sampling options from the config's `sample`
 section (with its command-line overrides). Prompts run in order, `num_images` each;
 image k of the run uses seed `seed + k` and is written to `<outdir>/{k:05d}.png` with
-its settings in PNG text chunks, then all of them tiled into `grid.png`. The UNet call
+its settings in PNG text chunks, then all of them tiled into `grid.png`. LoRA files
+(`--lora=FILE[:SCALE]`, diffusers or kohya format) are merged into the weights in order. The UNet call
 is built here once, compiled when cfg.sample.compile says so, and handed to the pipeline.
 Every input problem raises a UserError (MissingFileError for a missing file) whose
 one-line message names it, and the ones that need no model (flags, options, --outdir)
@@ -18,6 +19,7 @@ import safetensors
 import torch
 
 from sd_func import checkpoint, tree
+from sd_func.checkpoint import lora_files
 from sd_func.errors import MissingFileError, UserError
 from sd_func.pipelines import generate, images, options, unet_call
 
@@ -55,6 +57,28 @@ def read_prompts(prompts=(), prompts_file: str | None = None) -> list[str]:
     return prompts
 
 
+def parse_loras(specs) -> list[tuple[str, float]]:
+    """--lora values "FILE" or "FILE:SCALE" -> [(file, scale)]; each file must exist."""
+    out = []
+    for spec in specs or ():
+        path, scale = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                path = spec  # a ':' that is part of the file name
+        if not os.path.isfile(path):
+            raise MissingFileError(f"--lora={spec}: file not found")
+        out.append((path, scale))
+    return out
+
+
+def read_loras(specs, params: dict) -> list[tuple[dict, float]]:
+    """[(lora_params, scale)] of --lora values, each file checked against the model's params."""
+    return [(lora_files.read(path, params), scale) for path, scale in parse_loras(specs)]
+
+
 def read_latents(path: str, n: int, channels: int) -> torch.Tensor:
     """The tensor `latents` [n, channels, h, w] of a safetensors file."""
     if not os.path.isfile(path):
@@ -75,8 +99,10 @@ def read_latents(path: str, n: int, channels: int) -> torch.Tensor:
 
 def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: int = 0,
         num_images: int = 1, latents: str | None = None, init_image: str | None = None,
-        mask: str | None = None, strength: float | None = None, progress: bool = True) -> list[str]:
-    """Generate and write the images; returns the paths written (grid.png last)."""
+        mask: str | None = None, strength: float | None = None, progress: bool = True, loras=()) -> list[str]:
+    """Generate and write the images; returns the paths written (grid.png last).
+
+    loras: --lora values ("FILE" or "FILE:SCALE"), merged in order."""
     if num_images < 1:
         raise UserError(f"--num_images={num_images}: expected >= 1")
     if mask and not init_image:
@@ -87,13 +113,15 @@ def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: i
         raise UserError(f"--outdir={outdir}: exists and is not a folder")
     # Bad sampler/steps/size/compile values fail here, before the checkpoint loads.
     options.resolve(cfg)
+    parse_loras(loras)
     compile = cfg.get("sample", {}).get("compile", False)
     unet_call.backend_of(compile)
     params, cfg = load_model(ckpt, cfg)
     # Resolved again: default sizes follow the checkpoint's UNet.
     o = options.resolve(cfg, progress=progress, unet_fn=unet_call.make_unet_fn(cfg.unet, compile))
     jobs = [(p, seed + k) for k, p in enumerate(p for p in prompts for _ in range(num_images))]
-    kw = dict(seeds=[s for _, s in jobs], negative_prompt=negative_prompt, options=o)
+    kw = dict(seeds=[s for _, s in jobs], negative_prompt=negative_prompt, options=o,
+              loras=read_loras(loras, params))
     if latents:
         kw["latents"] = read_latents(latents, len(jobs), cfg.vae.latent_channels)
     job_prompts = [p for p, _ in jobs]
@@ -121,6 +149,8 @@ def run(cfg, ckpt: str, prompts, outdir: str, negative_prompt: str = "", seed: i
         text = dict(prompt=p, negative_prompt=negative_prompt, seed=s, sampler=o.sampler, steps=o.steps,
                     guidance_scale=o.guidance_scale, guidance_rescale=o.guidance_rescale, eta=o.eta,
                     clip_skip=o.clip_skip, dtype=str(o.dtype), mode=mode, checkpoint=ckpt, **extra)
+        if loras:
+            text["loras"] = ",".join(loras)
         if latents:
             text["latents"] = f"{latents}[{k}]"
         paths.append(os.path.join(outdir, f"{k:05d}.png"))

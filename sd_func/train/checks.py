@@ -11,7 +11,8 @@ traceback.
 
 import re
 
-from sd_func import backend, data
+from sd_func import backend, data, lora
+from sd_func.checkpoint import lora_files
 from sd_func.diffusion import losses
 from sd_func.errors import UserError
 from sd_func.train import lr as lr_lib
@@ -73,6 +74,20 @@ def _optimizer(s, where: str) -> None:
         _check(s, where, key, lambda v: v >= 0, "an integer >= 0 (0: never)", integer=True)
 
 
+def _lora(s, where: str = "config.lora") -> None:
+    _check(s, where, "rank", lambda v: v >= 0, "an integer >= 0 (0: no LoRA, a full fine-tune)", integer=True)
+    if s.rank:
+        _check(s, where, "alpha", lambda v: v > 0, "a number > 0", optional=True)
+        target = s.get("target", "attn")
+        try:
+            re.compile(lora.target_regex(target))
+        except (re.error, TypeError) as e:
+            raise UserError(f"{where}.target={target!r}: not target names ({', '.join(lora.TARGETS)}) nor a "
+                            f"regular expression ({e})") from None
+        if s.get("format", "diffusers") not in lora_files.FORMATS:
+            raise UserError(f"{where}.format={s.format!r}: expected one of {lora_files.FORMATS}")
+
+
 def validate(cfg) -> None:
     """Raise a one-line UserError for the first bad value in cfg.train, cfg.vae_train or cfg.data."""
     t, where = _get(cfg, "train", "config"), "config.train"
@@ -83,6 +98,9 @@ def validate(cfg) -> None:
     _check(t, where, "noise_offset", lambda v: v >= 0, "a number >= 0 (0: off)", optional=True)
     _check(t, where, "sample_every", lambda v: v >= 0, "an integer >= 0 (0: never)", integer=True)
     _check(t, where, "keep_checkpoints", lambda v: v >= 0, "an integer >= 0 (0: keep all)", integer=True)
+    _check(t, where, "prior_loss_weight", lambda v: v >= 0, "a number >= 0", optional=True)
+    if "lora" in cfg:
+        _lora(cfg.lora)
     if "vae_train" in cfg:
         v, where = cfg.vae_train, "config.vae_train"
         _optimizer(v, where)

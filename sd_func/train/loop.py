@@ -30,16 +30,17 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from sd_func import backend, checkpoint, data, pipelines, random, tree
+from sd_func import backend, checkpoint, data, lora, pipelines, random, tree
 from sd_func.checkpoint import training as checkpoints
 from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, tokenizer, unet
-from sd_func.train import checks, distributed, unet_stage
+from sd_func.train import checks, distributed, dreambooth, unet_stage
 from sd_func.train import logging as train_logging
 from sd_func.train import state as train_state
 
 _INIT_TAG = 0x1A17   # init keys: apart from the step noise and the data keys of the same seed
 _STEP_TAG = 0x57E9
+_LORA_TAG = 0x10A  # a LoRA's init key, within the init key
 _MODELS = ("unet", "vae", "text_encoder")
 
 
@@ -89,6 +90,7 @@ def _save(workdir, step, state, frozen_models, source, cfg, world, main):
         trees["frozen"] = frozen_models
         meta = {"data": {"ranks": positions}, "world": world, "config": checkpoints.config_json(cfg)}
         checkpoints.save(workdir, step, trees, meta, keep=int(cfg.train.keep_checkpoints))
+        unet_stage.export_lora(workdir, state, frozen_models, cfg)
     distributed.barrier()
 
 
@@ -99,7 +101,7 @@ def sample_grid(state: dict, frozen_models: dict, cfg, workdir: str, step: int, 
     run from cfg.sample.compile and holds it), default eager."""
     image_lib = pipelines.images
     trained = state["ema"] if cfg.sample.get("ema", True) else state["params"]
-    params = dict(frozen_models, **trained)
+    params = lora.merge_trained(dict(frozen_models, **trained))
     prompts = list(cfg.sample.prompts)
     with torch.no_grad():
         out = pipelines.txt2img(params, cfg, prompts, seeds=list(range(len(prompts))), steps=int(cfg.sample.steps),
@@ -202,6 +204,7 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
         checkpoints.clean_partial(workdir)
     distributed.barrier()
 
+    cfg = dreambooth.prepare(cfg, workdir, main)  # DreamBooth's class images, generated once
     source = data.make_source(cfg.data, cfg.seed, rank, world)  # first: a bad data path fails fast
     ckpt = checkpoints.latest(workdir)
     if ckpt is not None:
@@ -222,9 +225,7 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
     tcfg = cfg.train
     params = tree.to(params, device=device)
 
-    train_te = bool(tcfg.get("train_text_encoder", False))
-    state, tx, lay = unet_stage.init(cfg, params["unet"], params["text_encoder"] if train_te else None)
-    frozen_models = {k: params[k] for k in _MODELS if k in params and k not in state["params"]}
+    state, tx, lay, frozen_models = unet_stage.setup(cfg, params, random.fold_in(root_keys(cfg.seed)[0], _LORA_TAG))
     if ckpt is not None:
         state = train_state.restore(ckpt, state)
 

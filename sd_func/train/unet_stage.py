@@ -13,11 +13,23 @@ Randomness is prepared on the host by `step_inputs`: example i of step n draws i
 noise, posterior noise, timestep and drop flag from fold_in(fold_in(root, n), i), with
 i the GLOBAL example index, so a run gives the same numbers on 1 or N processes and
 after a resume.
+
+LoRA (config.lora.rank > 0; sd_func.lora): `setup` puts only the LoRA's A and B in the
+train state ({"lora": {"unet", ["text_encoder"]}}), so gradients, AdamW's moments and
+the EMA exist for them alone; the base UNet and text encoder, and the LoRA's alphas
+("lora_alpha"), are frozen inputs of the step, and the loss runs the models on
+lora.apply(base, lora). DreamBooth's prior preservation (Ruiz et al. 2023) comes as a
+batch flag "prior" (sd_func.data.dreambooth: instance and class examples alternate):
+the loss is mean(instance) + config.train.prior_loss_weight * mean(prior), diffusers'
+train_dreambooth.py formula, through per-example weights (`prior_weights`).
 """
+
+import os
 
 import torch
 
-from sd_func import random, tree
+from sd_func import lora, random, tree
+from sd_func.checkpoint import lora_files
 from sd_func.diffusion import losses, schedules
 from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, unet
@@ -85,10 +97,76 @@ def trainable_params(cfg, params_unet: dict, params_te: dict | None = None) -> d
 
 def init(cfg, params_unet: dict, params_te: dict | None = None):
     """(state, tx, lay): a fresh train state with EMA, the optimizer of cfg.train and its layout."""
-    params = trainable_params(cfg, params_unet, params_te)
+    return _init_trained(cfg, trainable_params(cfg, params_unet, params_te))
+
+
+def _init_trained(cfg, params: dict):
     lay = optim.layout(params, cfg.train.get("weight_decay_exclude") or None)
     tx = optim.from_config(cfg.train, lay)
     return train_state.init_state(params, tx, lay, ema=True), tx, lay
+
+
+def lora_config(cfg):
+    """cfg.lora when it asks for LoRA training (rank > 0), else None."""
+    lcfg = cfg.get("lora", None)
+    return lcfg if lcfg is not None and int(lcfg.get("rank", 0) or 0) > 0 else None
+
+
+def setup(cfg, params: dict, key: int):
+    """(state, tx, lay, frozen models): what trains and what stays frozen, from the models' params.
+
+    params: {"unet", "vae", "text_encoder"} (other entries, e.g. a resumed run's, are
+    ignored: its state is restored over this fresh one). Full fine-tuning: the UNet (and
+    with cfg.train.train_text_encoder the text encoder) trains. With cfg.lora (rank,
+    alpha, target, train_text_encoder): a fresh LoRA keyed by `key` trains, and the
+    frozen models also hold the base UNet and text encoder and the LoRA's alphas.
+    """
+    lcfg = lora_config(cfg)
+    models = {k: params[k] for k in ("unet", "vae", "text_encoder") if k in params}
+    if lcfg is None:
+        train_te = bool(cfg.train.get("train_text_encoder", False))
+        state, tx, lay = init(cfg, models["unet"], models["text_encoder"] if train_te else None)
+        return state, tx, lay, {k: v for k, v in models.items() if k not in state["params"]}
+    if cfg.train.get("train_text_encoder", False):
+        raise UserError("config.train.train_text_encoder=True with config.lora.rank > 0: the LoRA trains the "
+                        "text encoder with config.lora.train_text_encoder=True instead")
+    adapted = ("unet", "text_encoder") if lcfg.get("train_text_encoder", False) else ("unet",)
+    try:
+        lp = lora.init(key, {k: models[k] for k in adapted}, int(lcfg.rank), lcfg.get("alpha", None),
+                       lcfg.get("target", "attn"))
+    except lora.LoRAError as e:
+        raise UserError(f"config.lora: {e}") from None
+    weights, alphas = lora.split(lp)
+    state, tx, lay = _init_trained(cfg, {lora.TREE: weights})
+    return state, tx, lay, dict(models, **{lora.ALPHA_TREE: alphas})
+
+
+def export_lora(workdir: str, state: dict, frozen_models: dict, cfg) -> str | None:
+    """A LoRA run's LoRA as <workdir>/pytorch_lora_weights.safetensors (config.lora.format:
+    diffusers or kohya), the weights samples use (EMA with cfg.sample.ema); None otherwise."""
+    if lora.TREE not in state["params"]:
+        return None
+    trees = state["ema"] if cfg.sample.get("ema", True) and "ema" in state else state["params"]
+    path = os.path.join(workdir, lora_files.DIFFUSERS_NAME)
+    lora_files.save(lora.join(trees[lora.TREE], frozen_models[lora.ALPHA_TREE]), path,
+                    format=cfg.lora.get("format", "diffusers"))
+    return path
+
+
+def _nets(params: dict, frozen: dict) -> tuple[dict, dict | None]:
+    """(UNet params, text encoder params) the loss runs: trained, frozen, or frozen + LoRA."""
+    if lora.TREE in params:
+        base = {k: frozen[k] for k in ("unet", "text_encoder") if k in frozen}
+        nets = lora.apply(base, lora.join(params[lora.TREE], frozen[lora.ALPHA_TREE]))
+        return nets["unet"], nets.get("text_encoder")
+    te = params["text_encoder"] if "text_encoder" in params else frozen.get("text_encoder")
+    return params["unet"], te
+
+
+def prior_weights(prior: torch.Tensor, prior_loss_weight: float) -> torch.Tensor:
+    """Per-example weights [b] that make the batch mean mean(instance) + w * mean(prior)
+    for a global batch of equal halves (diffusers' train_dreambooth.py)."""
+    return torch.where(prior, 2.0 * float(prior_loss_weight), 2.0).to(torch.float32)
 
 
 def _uncond(frozen: dict, batch: dict, name: str):
@@ -137,14 +215,16 @@ def loss_fn(cfg):
     prediction = str(cfg.diffusion.prediction_type)
     gamma = float(cfg.train.get("min_snr_gamma", 0.0) or 0.0)
     offset = float(cfg.train.get("noise_offset", 0.0) or 0.0)
+    prior_w = float(cfg.train.get("prior_loss_weight", 1.0))
 
     def fn(params: dict, frozen: dict, batch: dict):
         x0 = _clean_latents(cfg, frozen, batch)
-        te = params["text_encoder"] if "text_encoder" in params else frozen.get("text_encoder")
+        unet_p, te = _nets(params, frozen)
         context = _text_context(cfg, te, frozen, batch)
-        model_fn = lambda x, t: unet.apply(params["unet"], x, t, context, cfg.unet)
+        model_fn = lambda x, t: unet.apply(unet_p, x, t, context, cfg.unet)
+        weights = prior_weights(batch["prior"], prior_w) if "prior" in batch else None
         loss = losses.diffusion_loss(model_fn, x0, batch["noise"], batch["timesteps"], frozen["alphas_cumprod"],
-                                     prediction, gamma, offset, batch.get("offset_noise"))
+                                     prediction, gamma, offset, batch.get("offset_noise"), weights)
         return loss, {}
 
     return fn
