@@ -3,7 +3,9 @@
 A run is a subprocess in its own session with unbuffered output to a log file, so a
 test can wait for a log line or a checkpoint folder, signal the run (or one torchrun
 worker, found by its RANK in /proc) and always kill what is left (`finish`). The runs
-are train_runs' tiny 4-step run with a checkpoint every step and the last 3 kept, at lr 1e-5.
+are train_runs' tiny 4-step run with a checkpoint every step and the last 3 kept, at lr 1e-5;
+`one_process` and `two_processes` are their uninterrupted references (session fixtures,
+made visible to every test module by tests/conftest.py).
 """
 
 import contextlib
@@ -12,6 +14,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 import train_runs as runs
 
@@ -33,6 +37,34 @@ def start(launch: list[str], workdir: str, *extra: str) -> subprocess.Popen:
     with open(workdir + ".log", "w") as log:
         return subprocess.Popen(cmd, cwd=runs.REPO, env=dict(runs.env(), PYTHONUNBUFFERED="1"), stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run(launch: list[str], workdir: str, *extra: str, timeout: float = 300) -> str:
+    """A run to its end (status 0); returns its log."""
+    proc = start(launch, workdir, *extra)
+    rc = finish(proc, workdir, timeout)
+    assert rc == 0, log(workdir)[-4000:]
+    return log(workdir)
+
+
+@pytest.fixture(scope="session")
+def one_process(tmp_path_factory):
+    """The uninterrupted 1-process run (a workdir), shared by tests/test_cluster.py and test_slurm.py."""
+    workdir = str(tmp_path_factory.mktemp("cluster") / "one")
+    t = time.perf_counter()
+    run([sys.executable], workdir)
+    print(f"1-process reference: {time.perf_counter() - t:.1f} s")
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def two_processes(tmp_path_factory):
+    """The uninterrupted 2-process torchrun run on this machine."""
+    workdir = str(tmp_path_factory.mktemp("cluster") / "two")
+    t = time.perf_counter()
+    run(torchrun(2, "--standalone"), workdir)
+    print(f"2-process torchrun reference: {time.perf_counter() - t:.1f} s")
+    return workdir
 
 
 def log(workdir: str) -> str:

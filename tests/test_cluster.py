@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import time
 
 import pytest
@@ -73,35 +74,10 @@ def test_launch_env_torchrun_wins_and_a_batch_script_is_one_process():
         "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
 
 
-def _run(launch, workdir, *extra, timeout=300):
-    proc = cr.start(launch, workdir, *extra)
-    rc = cr.finish(proc, workdir, timeout)
-    assert rc == 0, cr.log(workdir)[-4000:]
-    return cr.log(workdir)
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("cluster") / "one")
-    t = time.perf_counter()
-    _run([runs.sys.executable], workdir)
-    print(f"1-process reference: {time.perf_counter() - t:.1f} s")
-    return workdir
-
-
-@pytest.fixture(scope="module")
-def two_processes(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("cluster") / "two")
-    t = time.perf_counter()
-    _run(cr.torchrun(2, "--standalone"), workdir)
-    print(f"2-process torchrun reference: {time.perf_counter() - t:.1f} s")
-    return workdir
-
-
 def test_sigterm_checkpoints_the_agreed_step_and_resumes_identically(one_process, tmp_path):
     workdir = str(tmp_path / "preempted")
     # No regular checkpoint before step 3: the one after step 1 is the preemption's.
-    proc = cr.start([runs.sys.executable], workdir, "--config.train.checkpoint_every=3")
+    proc = cr.start([sys.executable], workdir, "--config.train.checkpoint_every=3")
     try:
         cr.wait_for(lambda: "sd_func train: starting" in cr.log(workdir), proc, workdir)
         proc.send_signal(signal.SIGTERM)  # the handler is in place: the loop starts after this line
@@ -113,7 +89,7 @@ def test_sigterm_checkpoints_the_agreed_step_and_resumes_identically(one_process
     first = os.path.join(workdir, "checkpoints", "1")
     assert f"sd_func train: stopped by SIGTERM after step 1; checkpoint {first}; run again" in text, text[-3000:]
     assert checkpointing.steps(workdir) == [1] and checkpointing.read_meta(first)["step"] == 1
-    text = _run([runs.sys.executable], workdir, "--config.train.checkpoint_every=3")
+    text = cr.run([sys.executable], workdir, "--config.train.checkpoint_every=3")
     assert f"resumed from step 1 ({first})" in text and cr.steps_run(text) == [(1, STEPS)], text[-3000:]
     worst = cr.assert_identical(runs.trees(one_process), runs.trees(workdir))
     print(f"SIGTERM after step 1 + resume vs uninterrupted: max abs diff {worst:.1e}")
@@ -151,7 +127,7 @@ def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(one_process,
     os.remove(os.path.join(middle, "ema.safetensors"))
     assert checkpointing.latest(workdir) == os.path.join(workdir, "checkpoints", "2")
     assert f"checkpoint {newest} is damaged" in caplog.text and "truncated" not in caplog.text.split(newest)[0]
-    text = _run([runs.sys.executable], workdir)
+    text = cr.run([sys.executable], workdir)
     for bad, why in ((newest, "opt.safetensors: not a readable safetensors file"), (middle, "ema.safetensors")):
         assert f"checkpoint {bad} is damaged and is skipped" in text and why in text, text[-3000:]
     assert "resumed from step 2 " in text and cr.steps_run(text) == [(2, STEPS)], text[-3000:]
