@@ -150,7 +150,7 @@ def test_two_nodes_end_where_one_machine_and_one_process_end(one_process, two_pr
                                   f"--rdzv_endpoint={endpoint}", "--rdzv_id=sd_func_test"),
                       workdir + ("" if r == 0 else f"-node{r}")) for r in range(2)]
     try:
-        rcs = [cr.finish(p, workdir + ("" if r == 0 else f"-node{r}"), timeout=300) for r, p in enumerate(nodes)]
+        rcs = [cr.finish(p, workdir + ("" if r == 0 else f"-node{r}"), timeout=180) for r, p in enumerate(nodes)]
     finally:
         for p in nodes:
             cr.kill_session(p)
