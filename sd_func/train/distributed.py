@@ -33,6 +33,7 @@ from sd_func.errors import UserError
 
 _PORT_BASE, _PORT_SPAN = 15000, 15000  # a Slurm job's port: 15000 + job id mod 15000 (below the ephemeral range)
 _BRACKET = re.compile(r"\[([^\]]*)\]")
+_HOST_GROUP = {}  # {"group": a gloo group} beside an NCCL default group (init), for agree_max
 
 
 def _split_top(text: str) -> list[str]:
@@ -160,6 +161,8 @@ def init(timeout_s: float = 1800.0) -> tuple[int, int, torch.device]:
     timeout = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group("nccl" if cuda else "gloo", store=_store(env, timeout), rank=env["rank"],
                             world_size=env["world"], timeout=timeout, **({"device_id": device} if cuda else {}))
+    if cuda:  # host-side flags (agree_max) on the CPU: every rank makes it, in the same order
+        _HOST_GROUP["group"] = dist.new_group(backend="gloo", timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -206,16 +209,18 @@ def all_reduce_mean(values):
 
 
 def agree_max(value: int) -> int:
-    """The largest of every rank's value (the value itself in one process): a collective."""
+    """The largest of every rank's value (the value itself in one process): a collective.
+
+    A CPU all-reduce (gloo; with NCCL on a gloo side group made in init()), so that asking
+    after every step never waits for the GPU."""
     if not _active() or world_size() == 1:
         return int(value)
     t = torch.tensor([int(value)], dtype=torch.int64)
-    if dist.get_backend() == "nccl":
-        t = t.to(torch.device("cuda", torch.cuda.current_device()))
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_HOST_GROUP.get("group"))
     return int(t.item())
 
 
 def shutdown() -> None:
+    _HOST_GROUP.clear()
     if _active():
         dist.destroy_process_group()
