@@ -1,10 +1,11 @@
 """Cluster faults outside Slurm, through run_train.py as users start it (configs/tiny.py, gloo).
 
 Each fault run ends where an uninterrupted run of the same world size ends, every tensor
-of the final checkpoint within 1e-6: SIGTERM to one of 2 torchrun workers mid-run (both
-stop after the same step, rank 0 writes its checkpoint, then a resume), a torchrun worker SIGKILLed after a checkpoint
-under `--max-restarts=1` (before the restart-safe store the restarted round failed in
-gloo's connectFullMesh, or hung), and a newest checkpoint damaged on disk (resume falls
+of the final checkpoint within 1e-6: one torchrun run with `--max-restarts=2` whose rank 1
+gets SIGTERM before step 1 (both ranks stop after step 1, rank 0 writes its checkpoint,
+torchrun restarts the group, which resumes) and is then SIGKILLed after the step-3
+checkpoint (before the restart-safe store the restarted round failed in gloo's
+connectFullMesh, or hung), and a newest checkpoint damaged on disk (resume falls
 back to the previous complete one with a warning naming the bad one). Two torchrun
 "nodes" (`--nnodes=2`, one process each, c10d rendezvous on 127.0.0.1) end where the
 one-machine 2-process run ends and where 1 process ends for the same global batch (to
@@ -74,48 +75,39 @@ def test_launch_env_torchrun_wins_and_a_batch_script_is_one_process():
         "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"]
 
 
-def test_sigterm_to_one_rank_stops_all_at_one_step_and_resumes_identically(two_processes, tmp_path):
-    workdir = str(tmp_path / "preempted")
-    launch = cr.torchrun(2, "--standalone")
-    # No regular checkpoint before step 3: the one after step 1 is the stop's.
-    proc = cr.start(launch, workdir, "--config.train.checkpoint_every=3")
+def test_sigterm_then_sigkill_under_torchrun_restarts_resume_identically(two_processes, tmp_path):
+    """One `torchrun --max-restarts=2` run of 2 workers, two faults (checkpoints at steps 3, 4):
+
+    1. SIGTERM to rank 1 alone, before step 1: both ranks stop after step 1 (they agree),
+       rank 0 writes checkpoint 1 and every worker exits 75; torchrun restarts the group,
+       and round 1 resumes from step 1.
+    2. SIGKILL of rank 1 right after round 1's step-3 checkpoint: torchrun restarts again,
+       and round 2 (which, before the per-round PrefixStore, failed in gloo's
+       connectFullMesh or hung) resumes from step 3.
+    The run ends where the uninterrupted 2-process run ends."""
+    workdir = str(tmp_path / "faults")
+    third = os.path.join(workdir, "checkpoints", "3")
+    proc = cr.start(cr.torchrun(2, "--standalone", "--max-restarts=2"), workdir, "--config.train.checkpoint_every=3")
     try:
         # Rank 0 prints this line after the group's first barrier: both handlers are in place.
         cr.wait_for(lambda: "sd_func train: starting" in cr.log(workdir), proc, workdir)
         os.kill(cr.worker_pid(proc.pid, rank=1), signal.SIGTERM)  # rank 1 only: the ranks must agree
-        rc = cr.finish(proc, workdir, timeout=120)
-    finally:
-        cr.kill_session(proc)
-    text = cr.log(workdir)
-    assert rc != 0 and f"exitcode  : {preemption.EXIT_PREEMPTED}" in text, text[-3000:]
-    first = os.path.join(workdir, "checkpoints", "1")
-    assert f"sd_func train: stopped by SIGTERM after step 1; checkpoint {first}; run again" in text, text[-3000:]
-    assert checkpointing.steps(workdir) == [1] and checkpointing.read_meta(first)["step"] == 1
-    text = cr.run(launch, workdir, "--config.train.checkpoint_every=3")
-    assert f"resumed from step 1 ({first})" in text and cr.steps_run(text) == [(1, STEPS)], text[-3000:]
-    worst = cr.assert_identical(runs.trees(two_processes), runs.trees(workdir))
-    print(f"SIGTERM to rank 1 after step 1 + resume vs uninterrupted: max abs diff {worst:.1e}")
-
-
-def test_torchrun_restart_after_sigkill_resumes_identically(two_processes, tmp_path):
-    workdir = str(tmp_path / "restarted")
-    proc = cr.start(cr.torchrun(2, "--standalone", "--max-restarts=1"), workdir)
-    try:
-        cr.wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "2")), proc, workdir)
+        cr.wait_for(lambda: os.path.isdir(third), proc, workdir, timeout=180)
         os.kill(cr.worker_pid(proc.pid, rank=1), signal.SIGKILL)
         t = time.perf_counter()
         rc = cr.finish(proc, workdir, timeout=180)
     finally:
         cr.kill_session(proc)
     text = cr.log(workdir)
-    print(f"restarted round: {time.perf_counter() - t:.1f} s after the SIGKILL")
+    print(f"round 2: {time.perf_counter() - t:.1f} s after the SIGKILL")
     assert rc == 0, text[-4000:]
-    done = [int(line.split("resumed from step ")[1].split()[0]) for line in text.splitlines()
-            if "resumed from step" in line]
-    assert len(done) == 1 and 2 <= done[0] < STEPS, text[-4000:]
-    assert cr.steps_run(text) == [(done[0], STEPS)], text[-4000:]
+    first = os.path.join(workdir, "checkpoints", "1")
+    assert f"sd_func train: stopped by SIGTERM after step 1; checkpoint {first}; run again" in text, text[-4000:]
+    assert f"exitcode: {preemption.EXIT_PREEMPTED}" in text, text[-4000:]
+    resumed = [line.split("resumed from step ")[1].split()[0] for line in text.splitlines() if "resumed from" in line]
+    assert resumed == ["1", "3"] and cr.steps_run(text) == [(3, STEPS)], text[-4000:]
     worst = cr.assert_identical(runs.trees(two_processes), runs.trees(workdir))
-    print(f"SIGKILL of rank 1 after step {done[0]} + torchrun restart vs uninterrupted: max abs diff {worst:.1e}")
+    print(f"SIGTERM to rank 1 + SIGKILL of rank 1, two torchrun restarts, vs uninterrupted: max abs diff {worst:.1e}")
 
 
 def test_damaged_checkpoints_fall_back_to_the_previous_complete_one(one_process, tmp_path, caplog):
