@@ -4,7 +4,8 @@ A session fixture installs the Debian packages when missing (root), starts the d
 on free ports and stops them (and cancels every job) at the end; where Slurm cannot be
 installed the tests are skipped saying why. On it, as a user submits, with gloo on CPU:
 `sbatch --ntasks=2 slurm/train.sbatch` ends where 1 process ends (the bounds of
-tests/train_runs.py::assert_matches_one_process); a job sent SIGUSR1 mid-run writes the
+tests/train_runs.py::assert_matches_one_process), and its torchrun-per-node launch
+(`srun torchrun --nproc_per_node=2`) where the 2 srun tasks end; a job sent SIGUSR1 mid-run writes the
 checkpoint of the step its ranks agreed on, requeues itself and finishes identical
 (every tensor within 1e-6) to the uninterrupted job; a job whose rank 0 fails (its
 checkpoint folder cannot be created) ends FAILED within seconds, with the rank and the
@@ -65,9 +66,9 @@ def wait_job(env, job_id: str, ready, timeout: float, log: str) -> dict:
         time.sleep(0.5)
 
 
-def submit(env, workdir: str, *extra: str) -> str:
-    cmd = ["sbatch", "--parsable", "--ntasks=2", f"--output={workdir}.log", "--job-name=sd_func-test", SBATCH,
-           *cr.ARGS, *extra, f"--workdir={workdir}"]
+def submit(env, workdir: str, *extra: str, tasks: int = 2) -> str:
+    cmd = ["sbatch", "--parsable", f"--ntasks={tasks}", f"--output={workdir}.log", "--job-name=sd_func-test",
+           SBATCH, *cr.ARGS, *extra, f"--workdir={workdir}"]
     out = subprocess.run(cmd, cwd=runs.REPO, env=env, capture_output=True, text=True, timeout=30, check=True)
     return out.stdout.strip().split(";")[0]
 
@@ -100,6 +101,18 @@ def test_two_tasks_end_where_one_process_ends(two_tasks, one_process):
     r1, r2 = runs.rows(one_process), runs.rows(two_tasks)
     assert [r["loss"] for r in r2] == pytest.approx([r["loss"] for r in r1], rel=1e-5)
     assert [r["grad_norm"] for r in r2] == pytest.approx([r["grad_norm"] for r in r1], rel=1e-5)
+
+
+def test_srun_torchrun_per_node_ends_where_two_tasks_end(slurm, two_tasks, tmp_path):
+    """The template's other launch: one task per node running `torchrun --nproc_per_node=2`."""
+    workdir = str(tmp_path / "torchrun")
+    job_id = submit(dict(slurm, SD_FUNC_PROCS_PER_NODE="2"), workdir, tasks=1)
+    info = wait_job(slurm, job_id, done, 300, workdir)
+    text = cr.log(workdir)
+    assert info["JobState"] == "COMPLETED", (info, text[-3000:])
+    assert "global batch 4 over 2 process(es)" in text and cr.steps_run(text) == [(0, cr.STEPS)], text[-3000:]
+    worst = cr.assert_identical(runs.trees(two_tasks), runs.trees(workdir))
+    print(f"srun torchrun --nproc_per_node=2 vs srun --ntasks=2: max abs diff {worst:.1e}")
 
 
 def test_sigusr1_checkpoints_requeues_and_finishes_identically(slurm, two_tasks, tmp_path):
