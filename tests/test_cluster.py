@@ -21,6 +21,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import cluster_runs as cr
 import train_runs as runs
@@ -157,3 +158,22 @@ def test_two_nodes_end_where_one_machine_and_one_process_end(one_process, two_pr
     worst = max((got[n][k] - v).abs().max().item() for n in ("params", "ema") for k, v in want[n].items())
     print(f"2 nodes x 1 process vs 1 process, same global batch: params max abs diff {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_stop_signals_are_recorded_and_the_handlers_restored():
+    before = signal.getsignal(signal.SIGUSR1)
+    with preemption.catch_stop_signals() as caught:
+        assert caught["signal"] == 0
+        os.kill(os.getpid(), signal.SIGUSR1)  # recorded, the process lives on
+        time.sleep(0.01)
+        assert caught["signal"] == signal.SIGUSR1 and preemption.agreed_signal(caught) == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_rotation_after_a_fallback_keeps_the_checkpoint_just_written(tmp_path):
+    # Step 4 written (and later damaged), the run resumed from an older one writes step 3 with
+    # keep=1: step 3 stays (the newest up to 3), step 4 waits to be overwritten at step 4.
+    workdir = str(tmp_path)
+    for step in (2, 4, 3):
+        checkpointing.save(workdir, step, {"params": {"w": torch.full((2,), float(step))}}, {}, keep=1)
+    assert checkpointing.steps(workdir) == [3, 4]
