@@ -93,8 +93,25 @@ def finish(proc: subprocess.Popen, workdir: str, timeout: float = 300) -> int:
         kill_session(proc)
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(p) for p in fh.read().split()]
+    except OSError:  # gone already
+        return []
+
+
 def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL whatever is left of the run's session (torchrun's workers included)."""
+    """SIGKILL whatever is left of the run: its session, and torchrun's workers (each in a
+    session of its own), children first so that none is orphaned."""
+    pids, todo = [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += _children(pid)
+    for pid in reversed(pids[1:]):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -102,8 +119,7 @@ def kill_session(proc: subprocess.Popen) -> None:
 
 def worker_pid(launcher_pid: int, rank: int) -> int:
     """The pid of torchrun's worker of the given RANK (a child of the launcher)."""
-    with open(f"/proc/{launcher_pid}/task/{launcher_pid}/children") as fh:
-        children = [int(p) for p in fh.read().split()]
+    children = _children(launcher_pid)
     for pid in children:
         with open(f"/proc/{pid}/environ", "rb") as fh:
             env = dict(v.split(b"=", 1) for v in fh.read().split(b"\0") if b"=" in v)
