@@ -12,6 +12,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# Session fixtures shared by tests/test_cluster.py and tests/test_slurm.py (uninterrupted reference runs).
+from cluster_runs import one_process, two_processes  # noqa: F401
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -2,8 +2,9 @@
 
 `args(log_every)` is the tiny run they share (configs/tiny.py, STEPS eager steps of 4
 images, a checkpoint every step); `run` starts one to the end, `kill_after_checkpoint`
-SIGKILLs one as soon as its first checkpoint folder exists, and `trees` / `rows` read
-what a run left in its workdir.
+SIGKILLs one as soon as its first checkpoint folder exists, `trees` / `rows` read
+what a run left in its workdir, and `assert_matches_one_process` compares the trees of
+an N-process run with a 1-process one (see tests/test_train_loop.py::test_two_processes_match_one).
 """
 
 import json
@@ -12,6 +13,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import torch
 
 from sd_func import tree
 from sd_func.checkpoint import training as checkpointing
@@ -30,6 +33,8 @@ def args(log_every: int) -> list[str]:
 def env() -> dict:
     out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     out.pop("SD_FUNC_TRACEBACK", None)
+    for k in [k for k in out if k.startswith(("SLURM_", "TORCHELASTIC_"))]:  # e.g. CI inside a Slurm job
+        out.pop(k)
     return out
 
 
@@ -74,3 +79,21 @@ def trees(workdir: str, step: int = STEPS) -> dict:
 def rows(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh]
+
+
+def assert_matches_one_process(want: dict, got: dict, lr: float) -> None:
+    """An N-process run's trees vs 1 process: AdamW's moments to 1e-5 of the largest, the
+    step count exactly, params and EMA to lr / 4 per entry and lr / 100 in RMS (the bounds
+    and why: tests/test_train_loop.py::test_two_processes_match_one)."""
+    for name in ("mu", "nu"):
+        keys = [k for k in want["opt"] if k.startswith(f"adamw/{name}/")]
+        err = max((got["opt"][k] - want["opt"][k]).abs().max().item() for k in keys)
+        scale = max(want["opt"][k].abs().max().item() for k in keys)
+        print(f"{name}: max abs diff N vs 1 process {err:.2e} ({err / scale:.1e} of the largest)")
+        assert err <= 1e-5 * scale, (name, err, scale)
+    assert torch.equal(got["opt"]["adamw/count"], want["opt"]["adamw/count"])
+    for name in ("params", "ema"):
+        diff = torch.cat([(got[name][k] - want[name][k]).reshape(-1) for k in want[name]])
+        err, rms = diff.abs().max().item(), diff.square().mean().sqrt().item()
+        print(f"{name}: max abs diff N vs 1 process {err:.2e} ({err / lr:.3f} lr), rms {rms / lr:.1e} lr")
+        assert err < lr / 4 and rms < lr / 100, (name, err, rms)

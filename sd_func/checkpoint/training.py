@@ -13,9 +13,15 @@ Atomicity: the files go into `checkpoints/tmp-<step>-<pid>/`, are fsynced, and t
 folder is renamed to `<step>` (a rename within one filesystem is atomic). Only
 folders named by an integer count as checkpoints, so a temporary folder left by a
 crash is ignored by `latest` and removed by `clean_partial`.
+
+A folder damaged on disk after its save (a tensor file truncated or deleted, its JSON
+unreadable) is not loaded: `latest` checks that every file the checkpoint lists is
+there and whole (each safetensors header matches its file's size), warns naming the
+bad folder and why, and falls back to the previous complete checkpoint.
 """
 
 import json
+import logging
 import os
 import shutil
 
@@ -24,6 +30,9 @@ import torch
 
 from sd_func import fileio, lora, tree
 from sd_func.checkpoint.files import CheckpointError, CheckpointNotFoundError
+from sd_func.errors import UserError
+
+log = logging.getLogger("sd_func.checkpoint")
 
 META = "checkpoint.json"
 TMP_PREFIX = "tmp-"
@@ -35,6 +44,10 @@ NOT_ARCHITECTURE = {"tokenizer"}  # a path or hub id: may move between runs
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
+
+
+def step_dir(workdir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir(workdir), str(step))
 
 
 def steps(workdir: str) -> list[int]:
@@ -49,10 +62,35 @@ def steps(workdir: str) -> list[int]:
     return sorted(out)
 
 
+def damage(ckpt: str) -> str | None:
+    """Why the checkpoint folder cannot be loaded whole, or None when it can.
+
+    Every file its checkpoint.json lists must exist and be a complete safetensors
+    file (safetensors checks the header's tensor offsets against the file size).
+    """
+    try:
+        meta = read_meta(ckpt)
+        for name in meta.get("files", []):
+            fileio.safetensors_header(os.path.join(ckpt, f"{name}.safetensors"))
+    except UserError as e:  # MissingFileError, UnreadableFileError
+        return str(e)
+    if not meta.get("files"):
+        return f"{os.path.join(ckpt, META)} lists no tensor files"
+    return None
+
+
 def latest(workdir: str) -> str | None:
-    """The folder of the newest complete checkpoint in workdir, or None."""
-    s = steps(workdir)
-    return os.path.join(checkpoint_dir(workdir), str(s[-1])) if s else None
+    """The folder of the newest complete and undamaged checkpoint in workdir, or None.
+
+    A damaged newer one is skipped with a warning naming it (see `damage`)."""
+    for s in reversed(steps(workdir)):
+        ckpt = step_dir(workdir, s)
+        why = damage(ckpt)
+        if why is None:
+            return ckpt
+        log.warning("checkpoint %s is damaged and is skipped: %s; falling back to the previous complete one",
+                    ckpt, why)
+    return None
 
 
 def clean_partial(workdir: str) -> list[str]:
@@ -81,8 +119,8 @@ def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str
     """Write trees (name -> nested dict of tensors) and meta as checkpoint `step`.
 
     meta must be JSON-serialisable; `step` and `format` are added. An existing
-    checkpoint of the same step is replaced. Keeps the newest `keep` checkpoints
-    (0 keeps all). Returns the checkpoint folder.
+    checkpoint of the same step is replaced. Keeps the newest `keep` checkpoints up to
+    this step (0 keeps all). Returns the checkpoint folder.
     """
     d = checkpoint_dir(workdir)
     os.makedirs(d, exist_ok=True)
@@ -96,10 +134,10 @@ def save(workdir: str, step: int, trees: dict, meta: dict, keep: int = 0) -> str
         fileio.write_safetensors(flat, os.path.join(tmp, f"{name}.safetensors"),
                                  metadata={"format": FORMAT, "paths": json.dumps(list(flat))})
     fileio.write_json(dict(meta, step=int(step), format=FORMAT, files=sorted(trees)), os.path.join(tmp, META))
-    final = os.path.join(d, str(step))
+    final = step_dir(workdir, step)
     fileio.replace_folder(tmp, final)
-    if keep and keep > 0:
-        for s in steps(workdir)[:-keep]:
+    if keep and keep > 0:  # of those up to this step: a newer one is from before a fallback, redone later
+        for s in [s for s in steps(workdir) if s <= step][:-keep]:
             shutil.rmtree(os.path.join(d, str(s)), ignore_errors=True)
     return final
 

@@ -11,6 +11,9 @@ only on (seed, step, global example index): so 1 or N processes, and a run resum
 from a checkpoint, compute the same updates. Rank 0 alone writes checkpoints,
 metrics and samples. A workdir that already holds a checkpoint is resumed from its
 newest complete one: the run logs "resumed from step N" and runs the remaining steps only.
+On SIGTERM or SIGUSR1 (preemption, a time limit) the ranks finish the step, agree on it,
+write its checkpoint and exit for a requeue (train.preemption); a rank that fails logs
+its rank and error before the exception ends the process (the launcher stops the rest).
 
 Process-wide switches are set here, once: `sd_func.backend.set_matmul_precision(
 config.train.precision)` at start (the step factory has no process-wide side effect).
@@ -21,6 +24,7 @@ loss or parameter norm that stops being finite raises train.checks.TrainingDiver
 import json
 import math
 import os
+import sys
 import time
 
 import ml_collections
@@ -34,7 +38,7 @@ from sd_func import backend, checkpoint, data, lora, pipelines, random, tree
 from sd_func.checkpoint import training as checkpoints
 from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, tokenizer, unet
-from sd_func.train import checks, distributed, dreambooth, unet_stage
+from sd_func.train import checks, distributed, dreambooth, preemption, unet_stage
 from sd_func.train import logging as train_logging
 from sd_func.train import state as train_state
 
@@ -187,12 +191,20 @@ def train(cfg, workdir: str, *, compile_backend: str = "inductor") -> dict:
     backend.set_matmul_precision(cfg.train.precision)
     rank, world, device = distributed.init()
     try:
-        return _train(cfg, workdir, rank, world, device, compile_backend)
+        with preemption.catch_stop_signals() as caught:
+            return _train(cfg, workdir, rank, world, device, compile_backend, caught)
+    except preemption.Preempted:
+        raise
+    except BaseException as e:
+        if world > 1:  # the launcher's summary may not show which rank failed, or why
+            print(f"sd_func train: rank {rank} of {world} failed: {type(e).__name__}: {e}", file=sys.stderr,
+                  flush=True)
+        raise
     finally:
         distributed.shutdown()
 
 
-def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
+def _train(cfg, workdir, rank, world, device, compile_backend, caught) -> dict:
     main = rank == 0
     tcfg = cfg.train
     global_batch, total = int(tcfg.batch_size), int(tcfg.steps)
@@ -278,6 +290,12 @@ def _train(cfg, workdir, rank, world, device, compile_backend) -> dict:
             if ckpt_every and done % ckpt_every == 0:
                 _save(workdir, done, state, frozen_models, source, cfg, world, main)
                 saved = done
+            signum = preemption.agreed_signal(caught) if done < total else 0
+            if signum:  # every rank stops after this same step
+                if saved != done:
+                    _save(workdir, done, state, frozen_models, source, cfg, world, main)
+                    saved = done
+                preemption.stop(signum, done, checkpoints.step_dir(workdir, done), main)
             if main and sample_every and done % sample_every == 0:
                 if sample_unet is None:  # built once, at the first grid, and held for the run
                     sample_unet = pipelines.make_unet_fn(cfg.unet, cfg.sample.get("compile", False))
