@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import absl_main
 import numpy as np
 import PIL.Image
 import pytest
@@ -22,7 +23,6 @@ import run_eval
 from sd_func import checkpoint
 from sd_func import cli as sd_cli
 from sd_func.data import shapes
-from sd_func.errors import UserError
 from sd_func.eval import fid
 from sd_func.pipelines import images
 from sd_func.train import loop
@@ -37,22 +37,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec(fid.TORCHSCRIPT_PACKAGE
 
 def cli(*args):
     """run_eval.main with these flags under sd_func.cli's error policy; returns the exit status."""
-    flags, argv, saved = run_eval.FLAGS, ["run_eval.py", *TINY, *args], sys.argv
-    flags.unparse_flags()
-    for name in [k for k in flags if k.startswith("config.")]:
-        delattr(flags, name)
-    sys.argv = argv
-    try:
-        flags(argv)
-        try:
-            run_eval.main(["run_eval.py"])
-        except UserError as e:
-            sd_cli.fail("run_eval.py", e)
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = saved
-    return 0
+    return absl_main.call(run_eval, "run_eval.py", [*TINY, *args])
 
 
 @pytest.fixture(scope="module")
