@@ -23,7 +23,8 @@ import run_eval
 from sd_func import checkpoint
 from sd_func import cli as sd_cli
 from sd_func.data import shapes
-from sd_func.eval import fid
+from sd_func.errors import UserError
+from sd_func.eval import fid, fid_clip
 from sd_func.pipelines import images
 from sd_func.train import loop
 
@@ -148,3 +149,24 @@ def test_bad_input_is_one_line(setup, capsys, tmp_path):
         assert len(err) == 1 and err[0].startswith("run_eval.py: error: "), err
         assert re.search(pattern, err[0]), (pattern, err[0])
     assert not os.path.exists(tmp_path / "out" / "guidance_1")  # nothing generated for bad input
+
+
+def test_prompt_sources(tmp_path):
+    anns = [{"image_id": i, "id": 100 + i, "caption": f"  a photo\nof thing {i} "} for i in range(10)]
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": anns, "images": []}))
+    coco = str(tmp_path / "captions.json")
+    drawn = fid_clip.read_prompts(coco_captions=coco, num_prompts=4)
+    assert drawn == fid_clip.read_prompts(coco_captions=coco, num_prompts=4, prompt_seed=0)
+    assert len(set(drawn)) == 4 and all(p.startswith("a photo of thing ") for p in drawn)
+    assert drawn != fid_clip.read_prompts(coco_captions=coco, num_prompts=4, prompt_seed=1)
+    with pytest.raises(UserError, match="only 10 captions"):
+        fid_clip.read_prompts(coco_captions=coco, num_prompts=11)
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(UserError, match="annotations"):
+        fid_clip.read_prompts(coco_captions=str(tmp_path / "bad.json"), num_prompts=1)
+    os.makedirs(tmp_path / "folder")
+    rows = [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in range(3)]
+    (tmp_path / "folder" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert fid_clip.read_prompts(metadata_folder=str(tmp_path / "folder"), num_prompts=2) == ["caption 0", "caption 1"]
+    with pytest.raises(UserError, match="exactly one prompt source"):
+        fid_clip.read_prompts(prompts_file="x.txt", coco_captions=coco)
