@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 
+import absl_main
 import numpy as np
 import PIL.Image
 import pytest
@@ -23,7 +24,7 @@ from sd_func import checkpoint
 from sd_func import cli as sd_cli
 from sd_func.data import shapes
 from sd_func.errors import UserError
-from sd_func.eval import fid
+from sd_func.eval import fid, fid_clip
 from sd_func.pipelines import images
 from sd_func.train import loop
 
@@ -37,22 +38,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec(fid.TORCHSCRIPT_PACKAGE
 
 def cli(*args):
     """run_eval.main with these flags under sd_func.cli's error policy; returns the exit status."""
-    flags, argv, saved = run_eval.FLAGS, ["run_eval.py", *TINY, *args], sys.argv
-    flags.unparse_flags()
-    for name in [k for k in flags if k.startswith("config.")]:
-        delattr(flags, name)
-    sys.argv = argv
-    try:
-        flags(argv)
-        try:
-            run_eval.main(["run_eval.py"])
-        except UserError as e:
-            sd_cli.fail("run_eval.py", e)
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = saved
-    return 0
+    return absl_main.call(run_eval, "run_eval.py", [*TINY, *args])
 
 
 @pytest.fixture(scope="module")
@@ -163,3 +149,24 @@ def test_bad_input_is_one_line(setup, capsys, tmp_path):
         assert len(err) == 1 and err[0].startswith("run_eval.py: error: "), err
         assert re.search(pattern, err[0]), (pattern, err[0])
     assert not os.path.exists(tmp_path / "out" / "guidance_1")  # nothing generated for bad input
+
+
+def test_prompt_sources(tmp_path):
+    anns = [{"image_id": i, "id": 100 + i, "caption": f"  a photo\nof thing {i} "} for i in range(10)]
+    (tmp_path / "captions.json").write_text(json.dumps({"annotations": anns, "images": []}))
+    coco = str(tmp_path / "captions.json")
+    drawn = fid_clip.read_prompts(coco_captions=coco, num_prompts=4)
+    assert drawn == fid_clip.read_prompts(coco_captions=coco, num_prompts=4, prompt_seed=0)
+    assert len(set(drawn)) == 4 and all(p.startswith("a photo of thing ") for p in drawn)
+    assert drawn != fid_clip.read_prompts(coco_captions=coco, num_prompts=4, prompt_seed=1)
+    with pytest.raises(UserError, match="only 10 captions"):
+        fid_clip.read_prompts(coco_captions=coco, num_prompts=11)
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(UserError, match="annotations"):
+        fid_clip.read_prompts(coco_captions=str(tmp_path / "bad.json"), num_prompts=1)
+    os.makedirs(tmp_path / "folder")
+    rows = [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in range(3)]
+    (tmp_path / "folder" / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert fid_clip.read_prompts(metadata_folder=str(tmp_path / "folder"), num_prompts=2) == ["caption 0", "caption 1"]
+    with pytest.raises(UserError, match="exactly one prompt source"):
+        fid_clip.read_prompts(prompts_file="x.txt", coco_captions=coco)

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import absl_main
 import numpy as np
 import PIL.Image
 import pytest
@@ -19,9 +20,7 @@ from test_pipelines import MAX_MEAN_ERR_U8, tiny_sd_folder, with_scheduler
 
 import run_sample
 from sd_func import checkpoint, pipelines, random, tree
-from sd_func import cli as sd_cli
 from sd_func.checkpoint import training as checkpointing
-from sd_func.errors import UserError
 from sd_func.pipelines import images, job, unet_call
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,22 +31,7 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 def cli(*args):
     """run_sample.main with these flags under sd_func.cli's error policy (a UserError is one
     line and exit status 1); returns the exit status."""
-    flags, argv, saved = run_sample.FLAGS, ["run_sample.py", *TINY, *args], sys.argv
-    flags.unparse_flags()
-    for name in [k for k in flags if k.startswith("config.")]:  # the previous call's override flags
-        delattr(flags, name)
-    sys.argv = argv  # config_flags finds the --config.* overrides in sys.argv
-    try:
-        flags(argv)
-        try:
-            run_sample.main(["run_sample.py"])
-        except UserError as e:
-            sd_cli.fail("run_sample.py", e)
-    except SystemExit as e:
-        return e.code
-    finally:
-        sys.argv = saved
-    return 0
+    return absl_main.call(run_sample, "run_sample.py", [*TINY, *args])
 
 
 def read_pngs(outdir, n):
