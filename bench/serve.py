@@ -12,7 +12,8 @@ local ports) runs for the whole benchmark; each level sends --requests single-im
 requests (distinct prompts and seeds, the same settings) from `concurrency` client
 threads after a warm-up round (up to 4 requests). In-process: pipelines.txt2img in this process on the
 same checkpoint, one call of b = min(concurrency, max_batch_size) images (median of 3
-after a warm-up), i.e. images/s with the batch Triton can form at best. Overhead at
+after a warm-up, measured right before that level's requests while the server idles),
+i.e. images/s with the batch Triton can form at best. Overhead at
 concurrency 1 = server p50 latency / in-process batch-1 time - 1. Prints a table and
 writes JSON. Takes ~2 min (tiny) to ~6 min (shapes, 20 steps) on a 2-core CPU.
 """
@@ -100,8 +101,6 @@ def main():
             "guidance_scale": o.guidance_scale, "size": f"{o.height}x{o.width}", "protocol": args.protocol,
             "max_batch_size": args.max_batch_size, **common.machine_info("cpu")}
     levels = [int(c) for c in args.concurrency.split(",")]
-    base = {b: in_process(params, cfg, b) for b in sorted({min(c, args.max_batch_size) for c in levels})}
-    del params
 
     http, grpc, metrics = serving.free_ports(3)
     cmd = [sys.executable, "run_serve.py", f"--ckpt={ckpt}", f"--config={config_file}", f"--http_port={http}",
@@ -110,12 +109,13 @@ def main():
     with serving.server(cmd, http, os.path.join(work, "serve.log")):
         server = {"http": http, "grpc": grpc}
         for c in levels:
+            b = min(c, args.max_batch_size)
+            base = in_process(params, cfg, b)  # right before the server's turn: the same machine load
             load(server, min(c, 4), min(c, 4), args.protocol, 10_000)  # warm-up round
             execs0 = serving.metric(metrics, "nv_inference_exec_count")
             r = load(server, max(args.requests, c), c, args.protocol, 0)
-            b = min(c, args.max_batch_size)
             r.update(concurrency=c, executions=serving.metric(metrics, "nv_inference_exec_count") - execs0,
-                     in_process_batch=b, in_process_s=base[b], in_process_img_per_s=b / base[b])
+                     in_process_batch=b, in_process_s=base, in_process_img_per_s=b / base)
             rows.append(r)
             print(f"concurrency {c}: {r['req_per_s']:.2f} req/s, p50 {r['p50_s']:.3f} s, p95 {r['p95_s']:.3f} s, "
                   f"{r['errors']} errors, {int(r['executions'])} executions; in-process batch {b}: "

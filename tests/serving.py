@@ -23,6 +23,7 @@ from sd_func.deploy import serve
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
+CHILD_EXIT_S = 10
 REQUEST_TIMEOUT_S = 120
 
 
@@ -103,6 +104,9 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> list[int]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    deadline = time.time() + CHILD_EXIT_S  # helpers (multiprocessing's tracker) exit just after
+    while any(alive(p) for p in tree) and time.time() < deadline:
+        time.sleep(0.2)
     left = [p for p in tree if alive(p)]
     for p in left:
         with contextlib.suppress(OSError):
