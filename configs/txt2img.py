@@ -35,6 +35,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         precision="bf16", compile=True, train_text_encoder=False,
         checkpoint_every=1000, keep_checkpoints=3, log_every=50, sample_every=5000,
         loss_scale_init=2.0**16, loss_scale_window=1000,
+        grad_accum=1,           # micro-batches per step: global batch = micro x grad_accum x processes
+        remat="none",           # activation checkpointing: none | attention | resnets | all (eager step)
+        shard_optimizer=False,  # ZeRO-1: AdamW moments and EMA sharded over the processes
     ))
     c.update(overrides)
     return c

@@ -14,6 +14,7 @@ import re
 from sd_func import backend, data
 from sd_func.diffusion import losses
 from sd_func.errors import UserError
+from sd_func.models.unet import REMAT
 from sd_func.train import lr as lr_lib
 
 
@@ -73,6 +74,17 @@ def _optimizer(s, where: str) -> None:
         _check(s, where, key, lambda v: v >= 0, "an integer >= 0 (0: never)", integer=True)
 
 
+def check_remat(t, where: str = "config.train") -> None:
+    """remat is one of unet.REMAT, and only with an eager step: the compiled step differentiates
+    with torch.func, whose transforms refuse the saved-tensor hooks of torch.utils.checkpoint."""
+    remat = t.get("remat", "none")
+    if remat not in REMAT:
+        raise UserError(f"{where}.remat={remat!r}: expected one of {REMAT}")
+    if remat != "none" and t.compile:
+        raise UserError(f"{where}.remat={remat!r} needs {where}.compile=False (torch.func, the compiled "
+                        "step's autodiff, does not support activation checkpointing)")
+
+
 def validate(cfg) -> None:
     """Raise a one-line UserError for the first bad value in cfg.train, cfg.vae_train or cfg.data."""
     t, where = _get(cfg, "train", "config"), "config.train"
@@ -83,6 +95,12 @@ def validate(cfg) -> None:
     _check(t, where, "noise_offset", lambda v: v >= 0, "a number >= 0 (0: off)", optional=True)
     _check(t, where, "sample_every", lambda v: v >= 0, "an integer >= 0 (0: never)", integer=True)
     _check(t, where, "keep_checkpoints", lambda v: v >= 0, "an integer >= 0 (0: keep all)", integer=True)
+    _check(t, where, "grad_accum", lambda v: v >= 1, "an integer >= 1", integer=True, optional=True)
+    check_remat(t, where)
+    if not isinstance(t.get("shard_optimizer", False), bool):
+        raise UserError(f"{where}.shard_optimizer={t.shard_optimizer!r}: expected True or False")
+    if int(t.batch_size) % int(t.get("grad_accum", 1)):
+        raise UserError(f"{where}.batch_size={t.batch_size} is not divisible by {where}.grad_accum={t.grad_accum}")
     if "vae_train" in cfg:
         v, where = cfg.vae_train, "config.vae_train"
         _optimizer(v, where)

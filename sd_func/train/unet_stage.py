@@ -21,7 +21,7 @@ from sd_func import random, tree
 from sd_func.diffusion import losses, schedules
 from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, unet
-from sd_func.train import optim
+from sd_func.train import checks, optim, sharding
 from sd_func.train import state as train_state
 from sd_func.train import step as train_step
 
@@ -83,12 +83,15 @@ def trainable_params(cfg, params_unet: dict, params_te: dict | None = None) -> d
     return params
 
 
-def init(cfg, params_unet: dict, params_te: dict | None = None):
-    """(state, tx, lay): a fresh train state with EMA, the optimizer of cfg.train and its layout."""
+def init(cfg, params_unet: dict, params_te: dict | None = None, *, shard: sharding.Shard | None = None):
+    """(state, tx, lay): a fresh train state with EMA, the optimizer of cfg.train and its layout.
+
+    shard: ZeRO-1 (train.sharding.from_config(cfg.train, rank, world)): opt and EMA of this
+    rank's slice; pass the same shard to make_train_step."""
     params = trainable_params(cfg, params_unet, params_te)
     lay = optim.layout(params, cfg.train.get("weight_decay_exclude") or None)
-    tx = optim.from_config(cfg.train, lay)
-    return train_state.init_state(params, tx, lay, ema=True), tx, lay
+    tx = optim.from_config(cfg.train, lay, shard=shard)
+    return train_state.init_state(params, tx, lay, ema=True, shard=shard), tx, lay
 
 
 def _uncond(frozen: dict, batch: dict, name: str):
@@ -137,12 +140,13 @@ def loss_fn(cfg):
     prediction = str(cfg.diffusion.prediction_type)
     gamma = float(cfg.train.get("min_snr_gamma", 0.0) or 0.0)
     offset = float(cfg.train.get("noise_offset", 0.0) or 0.0)
+    remat = str(cfg.train.get("remat", "none") or "none")
 
     def fn(params: dict, frozen: dict, batch: dict):
         x0 = _clean_latents(cfg, frozen, batch)
         te = params["text_encoder"] if "text_encoder" in params else frozen.get("text_encoder")
         context = _text_context(cfg, te, frozen, batch)
-        model_fn = lambda x, t: unet.apply(params["unet"], x, t, context, cfg.unet)
+        model_fn = lambda x, t: unet.apply(params["unet"], x, t, context, cfg.unet, remat=remat)
         loss = losses.diffusion_loss(model_fn, x0, batch["noise"], batch["timesteps"], frozen["alphas_cumprod"],
                                      prediction, gamma, offset, batch.get("offset_noise"))
         return loss, {}
@@ -182,19 +186,22 @@ def check_inputs(cfg, state: dict, frozen: dict, batch: dict) -> None:
 
 
 def make_train_step(cfg, tx: optim.Transform, lay: optim.Layout, *, world: int | None = None,
-                    backend: str = "inductor"):
+                    backend: str = "inductor", shard: sharding.Shard | None = None, num_shapes: int = 1):
     """`train_step(state, frozen, batch) -> (state, metrics)`: make_step with this stage's loss_fn.
 
     frozen: {"vae": params (unless the batch holds precached moments), "text_encoder":
     params (unless it trains, or the batch holds precached context), "uncond_ids": the
     empty prompt's ids [77] and/or "uncond_context": its context [1,77,D] (for cond_drop)};
-    the alphas_cumprod table is added here. world, backend: as train.step.make_step.
+    the alphas_cumprod table is added here. world, backend, shard, num_shapes: as
+    train.step.make_step. cfg.train.remat (unet.REMAT) recomputes UNet blocks in backward.
     """
     if cfg.diffusion.prediction_type not in losses.PREDICTION_TYPES:
         raise UserError(f"config.diffusion.prediction_type={cfg.diffusion.prediction_type!r}: "
                         f"expected one of {losses.PREDICTION_TYPES}")
+    checks.check_remat(cfg.train)
     cfg = cfg.copy_and_resolve_references()
-    inner = train_step.make_step(loss_fn(cfg), tx, lay, cfg.train, world=world, backend=backend)
+    inner = train_step.make_step(loss_fn(cfg), tx, lay, cfg.train, world=world, backend=backend, shard=shard,
+                                 num_shapes=num_shapes)
     tables: dict = {}
 
     def train_step_fn(state: dict, frozen: dict, batch: dict):
@@ -204,5 +211,5 @@ def make_train_step(cfg, tx: optim.Transform, lay: optim.Layout, *, world: int |
             tables[device] = schedules.alphas_cumprod(cfg.diffusion).to(device)
         return inner(state, dict(frozen, alphas_cumprod=tables[device]), batch)
 
-    train_step_fn.world = inner.world
+    train_step_fn.world, train_step_fn.shard = inner.world, inner.shard
     return train_step_fn
