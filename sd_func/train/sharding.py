@@ -55,12 +55,12 @@ def reduce_scatter_mean(g: torch.Tensor, shard: Shard) -> torch.Tensor:
     """This rank's slice of the mean over ranks of the full vector g (one reduce-scatter)."""
     n = size(shard, g.shape[0])
     g = F.pad(g, (0, shard.world * n - g.shape[0]))
-    return funcol.reduce_scatter_tensor(g, "sum", 0, torch.distributed.group.WORLD) / shard.world
+    return funcol.reduce_scatter_single(g, "sum", 0, torch.distributed.group.WORLD) / shard.world
 
 
 def gather(x: torch.Tensor, shard: Shard, numel: int) -> torch.Tensor:
     """The full flat vector (numel entries) from every rank's slice x (one all-gather)."""
-    return funcol.all_gather_tensor(x, 0, torch.distributed.group.WORLD)[:numel]
+    return funcol.all_gather_single(x, 0, torch.distributed.group.WORLD)[:numel]
 
 
 def norm(x: torch.Tensor, shard: Shard) -> torch.Tensor:

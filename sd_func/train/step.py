@@ -65,7 +65,7 @@ def _grads(loss_fn, lay: optim.Layout, hp: dict, p, scale, frozen: dict, batch: 
     g = values = names = None
     for i in range(k):
         micro = batch if k == 1 else {name: v[i] for name, v in batch.items()}
-        grads, (_, (loss, aux)) = autodiff.grad_and_value(lambda t: objective(t, micro), params)
+        grads, (_, (loss, aux)) = autodiff.grad_and_value(lambda t, m=micro: objective(t, m), params)
         flat_g = tree.flatten(grads)
         names = sorted(aux)
         gi = torch.cat([flat_g[key].reshape(-1).to(torch.float32) for key in lay.paths])

@@ -35,6 +35,19 @@ def latent_shape(cfg, resolution: int | None = None) -> tuple[int, int, int]:
     return (int(cfg.vae.latent_channels), r // f, r // f)
 
 
+def batch_latent_shape(cfg, batch: dict) -> tuple[int, int, int]:
+    """(C, h, w) of the latents of a batch: of its images [b, 3, H, W] through the VAE, or of its
+    precached moments [b, 2C, h, w] (so each aspect-ratio bucket gets noise of its own shape)."""
+    if "moments" in batch:
+        c2, h, w = batch["moments"].shape[-3:]
+        return (int(c2) // 2, int(h), int(w))
+    hgt, wid = batch["images"].shape[-2:]
+    f = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    if hgt % f or wid % f:
+        raise UserError(f"train: images of {hgt}x{wid} px: expected multiples of the VAE's downsampling factor {f}")
+    return (int(cfg.vae.latent_channels), int(hgt) // f, int(wid) // f)
+
+
 def step_inputs(cfg, root_key: int, step: int, index, latent_shape, device=None) -> dict:
     """The random inputs of one step for the examples with global indices `index`.
 
