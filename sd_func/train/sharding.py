@@ -60,7 +60,8 @@ def reduce_scatter_mean(g: torch.Tensor, shard: Shard) -> torch.Tensor:
 
 def gather(x: torch.Tensor, shard: Shard, numel: int) -> torch.Tensor:
     """The full flat vector (numel entries) from every rank's slice x (one all-gather)."""
-    return funcol.all_gather_single(x, 0, torch.distributed.group.WORLD)[:numel]
+    # waited on here: the result is a plain tensor (the state's params are views into it)
+    return funcol.wait_tensor(funcol.all_gather_single(x, 0, torch.distributed.group.WORLD))[:numel]
 
 
 def norm(x: torch.Tensor, shard: Shard) -> torch.Tensor:
