@@ -47,6 +47,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(dict(
         kind="folder", path="", resolution=512, center_crop=True, random_flip=True,
         num_workers=2,
+        buckets="",             # aspect-ratio buckets: "" (off), "auto", or "HxW,HxW,..." (sd_func.data.buckets)
+        bucket_step=64, bucket_max_ratio=2.0,  # the "auto" table: sides multiple of step, aspect <= ratio
     ))
     c.update(overrides)
     return c

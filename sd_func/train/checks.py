@@ -112,5 +112,13 @@ def validate(cfg) -> None:
         if not _number(r) or r < 1 or int(r) != r or r % f:
             raise UserError(f"config.data.resolution={r!r}: expected a positive multiple of the VAE's "
                             f"downsampling factor {f}")
+        table = data.buckets.resolve(d) or []
+        if table and d.kind != "folder":
+            raise UserError(f"config.data.buckets={d.buckets!r}: aspect-ratio buckets work with kind 'folder' "
+                            f"(and 'latents' precached from one), not {d.kind!r}")
+        bad = [hw for hw in table if hw[0] % f or hw[1] % f]
+        if bad:
+            raise UserError(f"config.data.buckets: {bad[0][0]}x{bad[0][1]} is not a multiple of the VAE's "
+                            f"downsampling factor {f}")
     if "diffusion" in cfg:
         _choice(cfg.diffusion, "config.diffusion", "prediction_type", losses.PREDICTION_TYPES)
