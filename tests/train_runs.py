@@ -27,6 +27,9 @@ def args(log_every: int) -> list[str]:
             f"--config.train.log_every={log_every}", "--config.train.batch_size=4", "--config.train.lr=1e-4"]
 
 
+ARGS_SHARDED = [*args(log_every=1), "--config.train.shard_optimizer=True", "--config.train.weight_decay=0.1"]
+
+
 def env() -> dict:
     out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     out.pop("SD_FUNC_TRACEBACK", None)
