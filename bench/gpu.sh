@@ -15,6 +15,10 @@
 #                      sd_func vs StableDiffusionPipeline (eager).
 #   3. bench/train.py  SD 1.5 UNet training step on precached latents (512 px), bf16 autocast,
 #                      batch 8: sd_func vs diffusers + AdamW(foreach), eager.
+#   4. bench/train_scale.py  the same step at global batch 8, 16, 32, 64 (the largest that fits shows),
+#                      bf16: eager, compiled, remat=all (eager), grad_accum=2; with 2+ GPUs also
+#                      2-process data parallel unsharded and ZeRO-1 (shard_optimizer): img/s per GPU
+#                      and peak memory per rank. (Not yet run on a GPU: see BENCHMARKS.md.)
 # Needs torch with CUDA, diffusers, transformers, safetensors, tqdm and ml_collections
 # (+ absl, yaml); nothing is installed or downloaded (weights are random).
 set -u
@@ -79,7 +83,8 @@ if [ "$TINY" = 1 ]; then
   UNET=(--tiny --sizes 8 --iters 2 --warmup 1 --dtypes fp32,bf16 --layouts nchw,cl --modes eager)
   SAMPLE=(--preset tiny --steps 3 --iters 1 --warmup 1 --dtype fp32 --modes sd_func_eager,diffusers_eager)
   TRAIN=(--preset tiny --batch 2 --steps 2 --warmup 1 --modes sd_func_eager,diffusers_eager)
-  T_UNET=600; T_SAMPLE=300; T_TRAIN=300
+  SCALE=(--preset tiny --batch 4 --steps 2 --warmup 1 --precision fp32 --rows base,remat_all,accum2)
+  T_UNET=600; T_SAMPLE=300; T_TRAIN=300; T_SCALE=300
 else
   # fp16: eager both layouts, compiled channels_last only; bf16: eager only (compiles cost ~1 min each)
   # fp32: diffusers eager channels_last only, the reference the others' errors are measured from
@@ -88,7 +93,11 @@ else
   SAMPLE=(--preset sd15 --steps 25 --iters 3 --warmup 1 --dtype fp16 --modes sd_func_eager,diffusers_eager)
   TRAIN=(--preset sd15 --batch 8 --steps 8 --warmup 2 --precision bf16 --inputs latents
          --modes sd_func_eager,diffusers_eager)
-  T_UNET=270; T_SAMPLE=100; T_TRAIN=110
+  ROWS=base,remat_all,accum2
+  NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+  [ "${NGPU:-0}" -ge 2 ] && ROWS=$ROWS,dp2,zero2
+  SCALE=(--preset sd15 --batch 8,16,32,64 --steps 4 --warmup 2 --precision bf16 --rows "$ROWS")
+  T_UNET=270; T_SAMPLE=100; T_TRAIN=110; T_SCALE=420
 fi
 
 START=$(date +%s)
@@ -103,6 +112,9 @@ stage() {  # name, seconds, command...
 stage unet "$T_UNET" python bench/unet.py --device "$DEVICE" "${UNET[@]}" --out "$OUTDIR/unet.json"
 stage sample "$T_SAMPLE" python bench/sample.py --device "$DEVICE" "${SAMPLE[@]}" --out "$OUTDIR/sample.json"
 stage train "$T_TRAIN" python bench/train.py --device "$DEVICE" "${TRAIN[@]}" --out "$OUTDIR/train.json"
+stage scale "$T_SCALE" python bench/train_scale.py "${SCALE[@]}" --out "$OUTDIR/train_scale.json"
+[ "$TINY" = 1 ] || stage scale_compiled "$T_SCALE" python bench/train_scale.py "${SCALE[@]}" --rows base --compile \
+  --out "$OUTDIR/train_scale_compiled.json"
 
 python - "$OUTDIR" <<'EOF'
 """One table: what this run measured, next to published figures (other machines, other code)."""
@@ -138,6 +150,15 @@ if t:
                      f"{r['images_per_s']:.1f} img/s",
                      f"{r['ms_per_step']:.0f} ms/step, {r.get('tflop_per_s', float('nan')):.1f} TFLOP/s, "
                      f"{r.get('peak_mem_gib', float('nan')):.1f} GiB", ""))
+for name in ("train_scale.json", "train_scale_compiled.json"):
+    sc = load(name)
+    for r in (sc or {}).get("results", []):
+        how = f"{sc['info']['precision']} {'compiled' if r.get('compiled') else 'eager'}"
+        if r.get("failed"):
+            rows.append((f"scale {r['row']} B={r['batch']} {how}", "-", r["failed"], ""))
+            continue
+        rows.append((f"scale {r['row']} B={r['batch']} x{r['world']} {how}", f"{r['images_per_s'] / r['world']:.1f} img/s/GPU",
+                     f"{r.get('peak_mem_gib', float('nan')):.1f} GiB peak/rank, opt+EMA {r['opt_ema_mib']:.0f} MiB/rank", ""))
 published = [
     ("published: A100 diffusers + torch.compile, SD 1.5 512 px fp16", "~50 it/s", "", "A100"),
     ("published: A100 TensorRT, SD 1.5 512 px fp16", "~61 it/s", "", "A100"),

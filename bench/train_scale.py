@@ -1,8 +1,8 @@
 """The scale features of the train step, each with and without: images/s and peak memory per rank.
 
-  python bench/train_scale.py [--preset tiny|shapes|mid] [--batch 16] [--steps 6] [--warmup 2]
+  python bench/train_scale.py [--preset tiny|shapes|mid|sd15] [--batch 16[,32,...]] [--steps 6] [--warmup 2]
       [--rows base,accum2,accum4,remat_attention,remat_resnets,remat_all,dp2,zero2,dp4,zero4]
-      [--out bench/results/train_scale.json]
+      [--precision fp32|bf16|fp16] [--compile] [--out bench/results/train_scale.json]
 
 Every row is the eager UNet-stage step (train.unet_stage.make_train_step) on precached
 latents (bench/train.py's inputs) with the same global batch, run in a fresh process (so
@@ -13,6 +13,9 @@ the peak resident set of one row does not carry into the next):
   (config.train.shard_optimizer); the optimizer + EMA bytes per rank are reported too.
 Peak memory is the peak RSS over the timed steps minus the RSS before them
 (bench/common.PeakMemory; on CUDA max_memory_allocated), the largest over ranks.
+--batch takes a list: every row runs at each global batch, and a batch that does not fit
+(out of memory: the row's process fails) is recorded as such, so the largest batch that
+fits shows per row. --compile compiles the step (not the remat rows, which need eager).
 Not a test; prints a table, writes JSON.
 """
 
@@ -27,12 +30,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402  (puts the repo root on sys.path)
-import train as train_bench  # noqa: E402
+import common  # puts the repo root on sys.path
+import train as train_bench
 
-from sd_func import random, tree  # noqa: E402
-from sd_func.models import text_encoder, unet  # noqa: E402
-from sd_func.train import distributed, sharding, unet_stage  # noqa: E402
+from sd_func import random, tree
+from sd_func.models import text_encoder, unet
+from sd_func.train import distributed, sharding, unet_stage
 
 ROWS = {"base": {}, "accum2": {"grad_accum": 2}, "accum4": {"grad_accum": 4},
         "remat_attention": {"remat": "attention"}, "remat_resnets": {"remat": "resnets"},
@@ -45,7 +48,8 @@ def worker(args) -> None:
     rank, world, device = distributed.init()
     spec = {k: v for k, v in ROWS[args.row].items() if k != "nproc"}
     cfg = train_bench.get_config(args.preset)
-    cfg.train.update(precision="fp32", compile=False, warmup=0, grad_clip=1.0, cond_drop=0.1, **spec)
+    cfg.train.update(precision=args.precision, compile=args.compile and "remat" not in spec, warmup=0,
+                     grad_clip=1.0, cond_drop=0.1, **spec)
     shard = sharding.from_config(cfg.train, rank, world)
     params = tree.to(unet.init(random.key(0), cfg.unet), device=device)
     te = tree.to(text_encoder.init(random.key(2), cfg.text_encoder), device=device)
@@ -65,7 +69,8 @@ def worker(args) -> None:
         float(m["loss"])
         dt = time.perf_counter() - t0
     opt_ema = sum(v.numel() * v.element_size() for k in ("opt", "ema") for v in tree.leaves(state[k]))
-    res = {"row": args.row, "world": world, "rank": rank, "images_per_s": args.batch * args.steps / dt,
+    res = {"row": args.row, "world": world, "rank": rank, "batch": args.batch, "compiled": bool(cfg.train.compile),
+           "images_per_s": args.batch * args.steps / dt,
            "ms_per_step": 1e3 * dt / args.steps, "opt_ema_mib": opt_ema / 2**20, **mem.result()}
     with open(os.path.join(args.json, f"{args.row}-{rank}.json"), "w") as f:
         json.dump(res, f)
@@ -73,16 +78,21 @@ def worker(args) -> None:
     distributed.shutdown()
 
 
-def launch(args, row: str, tmp: str) -> dict:
+def launch(args, row: str, batch: int, tmp: str) -> dict:
     nproc = ROWS[row].get("nproc", 1)
     me = [os.path.abspath(__file__), "--worker", "--row", row, "--json", tmp, "--preset", args.preset,
-          "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+          "--batch", str(batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+          "--precision", args.precision, *(["--compile"] if args.compile else [])]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                              if nproc > 1 else []), *me]
-    subprocess.run(cmd, env=env, check=True, timeout=3600)
+    for r in range(nproc):
+        if os.path.exists(os.path.join(tmp, f"{row}-{r}.json")):
+            os.remove(os.path.join(tmp, f"{row}-{r}.json"))
+    if subprocess.run(cmd, env=env, timeout=3600).returncode != 0:
+        return {"row": row, "world": nproc, "batch": batch, "failed": "the row's process failed (out of memory?)"}
     ranks = []
     for r in range(nproc):
         with open(os.path.join(tmp, f"{row}-{r}.json")) as f:
@@ -97,7 +107,9 @@ def launch(args, row: str, tmp: str) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="shapes")
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", default="16", help="global batch, or a list: 8,16,32")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "tf32", "bf16", "fp16"))
+    ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rows", default=",".join(ROWS))
@@ -107,29 +119,34 @@ def main():
     ap.add_argument("--json", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
+        args.batch = int(args.batch)
         return worker(args)
     info = dict(common.machine_info("cuda" if torch.cuda.is_available() else "cpu"), preset=args.preset,
-                global_batch=args.batch, steps=args.steps)
+                global_batch=args.batch, steps=args.steps, precision=args.precision, compile=args.compile)
     print(json.dumps(info))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for row in args.rows.split(","):
-            if row not in ROWS:
-                raise SystemExit(f"--rows: unknown {row!r}; expected {list(ROWS)}")
-            rows.append(launch(args, row, tmp))
-            print(json.dumps(rows[-1]), flush=True)
-            common.write_json(args.out, {"info": info, "results": rows})
-    base = {r["row"]: r for r in rows}
+        for batch in [int(b) for b in str(args.batch).split(",")]:
+            for row in args.rows.split(","):
+                if row not in ROWS:
+                    raise SystemExit(f"--rows: unknown {row!r}; expected {list(ROWS)}")
+                rows.append(launch(args, row, batch, tmp))
+                print(json.dumps(rows[-1]), flush=True)
+                common.write_json(args.out, {"info": info, "results": rows})
+    base = {(r["row"], r["batch"]): r for r in rows}
     for r in rows:
-        ref = base.get("base") if r["world"] == 1 else base.get(f"dp{r['world']}")
+        ref = base.get(("base" if r["world"] == 1 else f"dp{r['world']}", r["batch"]))
         if ref is not None and ref.get("peak_over_start_gib"):
             r["mem_vs_ref"] = r["peak_over_start_gib"] / ref["peak_over_start_gib"]
             r["speed_vs_ref"] = r["images_per_s"] / ref["images_per_s"]
     common.write_json(args.out, {"info": info, "results": rows})
-    print(f"\n{info['host_cpu']}, torch {info['torch']}, preset {args.preset}, global batch {args.batch}, fp32 eager")
-    common.print_table(rows, [("row", "row", "s"), ("world", "procs", "d"), ("images_per_s", "img/s", ".1f"),
+    print(f"\n{info.get('gpu', info['host_cpu'])}, torch {info['torch']}, preset {args.preset}, {args.precision}"
+          f"{', compiled' if args.compile else ', eager'}")
+    common.print_table(rows, [("row", "row", "s"), ("world", "procs", "d"), ("batch", "batch", "d"),
+                              ("images_per_s", "img/s", ".1f"),
                               ("speed_vs_ref", "x ref", ".2f"), ("peak_over_start_gib", "peak GiB/rank", ".3f"),
-                              ("mem_vs_ref", "mem x ref", ".2f"), ("opt_ema_mib", "opt+EMA MiB/rank", ".1f")])
+                              ("mem_vs_ref", "mem x ref", ".2f"), ("opt_ema_mib", "opt+EMA MiB/rank", ".1f"),
+                              ("failed", "failed", "s")])
 
 
 if __name__ == "__main__":

@@ -25,6 +25,15 @@ collective inductor schedules for NCCL), keeps the step one graph, and gives eve
 the same update. Each rank's loss is the mean over its local batch, so equal local
 batches give exactly the mean over the global batch.
 
+Gradient accumulation (tcfg.grad_accum = k): the step reshapes this rank's batch to
+[k, b / k, ...] and loops over the k micro-batches inside the same function (unrolled in
+the trace): each one's forward and backward, then the mean of their gradients and values
+before the one collective and the one optimizer update, so peak activation memory follows
+the micro-batch. ZeRO-1 (`shard`, train.sharding): the gradient vector is reduce-scattered
+instead of all-reduced (the loss and aux values get their own small all-reduce), each rank
+runs tx on its slice of params, moments and EMA (its norms over all slices), and the new
+params are all-gathered: three collectives, all in the graph.
+
 fp16: the loss is multiplied by the optimizer's loss scale (optim.loss_scale), the
 gradient divided by it before `tx`, whose dynamic_loss_scale wrapper skips a non-finite
 step. A skipped step changes nothing but `step` and the loss scale: params, AdamW's
