@@ -11,8 +11,12 @@ the peak resident set of one row does not carry into the next):
 - remat_X: config.train.remat=X (attention, resnets, all);
 - dpN / zeroN: N gloo processes through torch.distributed.run, unsharded / ZeRO-1
   (config.train.shard_optimizer); the optimizer + EMA bytes per rank are reported too.
-Peak memory is the peak RSS over the timed steps minus the RSS before them
-(bench/common.PeakMemory; on CUDA max_memory_allocated), the largest over ranks.
+Peak memory is the peak RSS over all steps (warm-up included) minus the RSS before the
+first one, in a fresh process (bench/common.PeakMemory; on CUDA max_memory_allocated
+minus the allocated bytes before), the largest over ranks. (After the first step the
+allocator reuses freed memory, so a peak over later steps alone would miss the activations.)
+On one process, "saved act." is exact: the bytes autograd saves for backward in one
+micro-batch's forward (outside the remat regions), which remat and accumulation reduce.
 --batch takes a list: every row runs at each global batch, and a batch that does not fit
 (out of memory: the row's process fails) is recorded as such, so the largest batch that
 fits shows per row. --compile compiles the step (not the remat rows, which need eager).
@@ -34,6 +38,7 @@ import common  # puts the repo root on sys.path
 import train as train_bench
 
 from sd_func import random, tree
+from sd_func.diffusion import schedules
 from sd_func.models import text_encoder, unet
 from sd_func.train import distributed, sharding, unet_stage
 
@@ -60,22 +65,43 @@ def worker(args) -> None:
     batches = train_bench.make_batches(cfg, local, device, frozen)
     state, tx, lay = unet_stage.init(cfg, params, shard=shard)
     fn = unet_stage.make_train_step(cfg, tx, lay, world=world, shard=shard)
-    for b in batches[:args.warmup]:
-        state, _ = fn(state, frozen, b)
-    with common.PeakMemory(device) as mem:
+    with common.PeakMemory(device) as mem:  # from before the first step: a step's whole footprint
+        for b in batches[:args.warmup]:
+            state, m = fn(state, frozen, b)
+            float(m["loss"])
         t0 = time.perf_counter()
         for b in batches[args.warmup:]:
             state, m = fn(state, frozen, b)
         float(m["loss"])
         dt = time.perf_counter() - t0
+    saved = saved_activation_bytes(cfg, state, frozen, batches[0], world) if world == 1 else None
     opt_ema = sum(v.numel() * v.element_size() for k in ("opt", "ema") for v in tree.leaves(state[k]))
     res = {"row": args.row, "world": world, "rank": rank, "batch": args.batch, "compiled": bool(cfg.train.compile),
            "images_per_s": args.batch * args.steps / dt,
-           "ms_per_step": 1e3 * dt / args.steps, "opt_ema_mib": opt_ema / 2**20, **mem.result()}
+           "ms_per_step": 1e3 * dt / args.steps, "opt_ema_mib": opt_ema / 2**20,
+           "saved_act_mib": None if saved is None else saved / 2**20, **mem.result()}
     with open(os.path.join(args.json, f"{args.row}-{rank}.json"), "w") as f:
         json.dump(res, f)
     distributed.barrier()
     distributed.shutdown()
+
+
+def saved_activation_bytes(cfg, state, frozen, batch, world) -> int:
+    """Bytes autograd keeps for backward in one micro-batch's forward of the loss (outside remat
+    regions): the activation memory remat and accumulation act on, exact where RSS is coarse."""
+    k = int(cfg.train.grad_accum)
+    micro = {n: v[:v.shape[0] // k] for n, v in batch.items()}
+    leaves = {n: v.detach().requires_grad_(True) for n, v in tree.flatten(state["params"]).items()}
+    frozen = dict(frozen, alphas_cumprod=schedules.alphas_cumprod(cfg.diffusion))
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        unet_stage.loss_fn(cfg)(tree.unflatten(leaves), frozen, micro)
+    return total[0]
 
 
 def launch(args, row: str, batch: int, tmp: str) -> dict:
@@ -146,7 +172,7 @@ def main():
                               ("images_per_s", "img/s", ".1f"),
                               ("speed_vs_ref", "x ref", ".2f"), ("peak_over_start_gib", "peak GiB/rank", ".3f"),
                               ("mem_vs_ref", "mem x ref", ".2f"), ("opt_ema_mib", "opt+EMA MiB/rank", ".1f"),
-                              ("failed", "failed", "s")])
+                              ("saved_act_mib", "saved act. MiB", ".1f"), ("failed", "failed", "s")])
 
 
 if __name__ == "__main__":
