@@ -14,7 +14,6 @@ This file is also the torchrun worker (`python -m torch.distributed.run ... this
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
@@ -124,13 +123,7 @@ def _worker(out_dir: str) -> None:
 
 
 def _torchrun(out_dir, nproc: int, timeout: float) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.abspath(__file__), str(out_dir)]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    runs.torchrun(__file__, nproc, out_dir, timeout=timeout)
     reports = []
     for r in range(nproc):
         with open(os.path.join(out_dir, f"report{nproc}-{r}.json")) as f:

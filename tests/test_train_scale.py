@@ -9,37 +9,17 @@
 """
 
 import pytest
+import test_train_step as base
 import torch
 
 from configs import tiny
 from sd_func import random, tree
 from sd_func.errors import UserError
-from sd_func.models import autoencoder, text_encoder, unet
+from sd_func.models import unet
 from sd_func.train import checks, unet_stage
 
-B = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models():
-    cfg = tiny.get_config()
-    g = torch.Generator().manual_seed(0)
-    return {
-        "unet": unet.init(random.key(0), cfg.unet),
-        "frozen": {"vae": autoencoder.init(random.key(1), cfg.vae),
-                   "text_encoder": text_encoder.init(random.key(2), cfg.text_encoder),
-                   "uncond_ids": torch.tensor([0, 1] + [1] * 75)},
-        "images": torch.rand(B, 3, 32, 32, generator=g) * 2 - 1,
-        "input_ids": torch.randint(2, 1000, (B, 77), generator=g),
-    }
+B, _max_diff = base.B, base._max_diff
+models, _one_thread = base.models, base._one_thread  # the same tiny models (fixture), one thread
 
 
 def _cfg(**train):
@@ -61,12 +41,6 @@ def _run(cfg, models, steps):
         state, m = fn(state, models["frozen"], batch)
         history.append({k: float(v) for k, v in m.items()})
     return state, history
-
-
-def _max_diff(a, b):
-    fa, fb = tree.flatten(a), tree.flatten(b)
-    assert fa.keys() == fb.keys()
-    return max(float((fa[k] - fb[k]).abs().max()) for k in fa)
 
 
 @pytest.fixture(scope="module")

@@ -50,6 +50,18 @@ def run(base: list[str], workdir: str, *extra, nproc: int = 1, check: bool = Tru
     return p
 
 
+def torchrun(script: str, nproc: int, *script_args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N script args`; asserts exit 0."""
+    e = dict(env(), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(script), *map(str, script_args)]
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
 def kill_after_checkpoint(base: list[str], workdir: str, *extra) -> int:
     """Start a run and SIGKILL it once checkpoints/1 exists; returns its exit status."""
     first = os.path.join(workdir, "checkpoints", "1")
