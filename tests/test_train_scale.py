@@ -4,7 +4,7 @@
   (params, EMA and AdamW state after 3 steps within 1e-5), eager and compiled (aot_eager).
 - config.train.remat / unet.apply(..., remat=): gradients equal remat="none" (to 1e-6; the
   recomputation runs the same kernels), the saved activations shrink, a compiled UNet call
-  (autograd backward) remats too; the compiled train step refuses it in one line.
+  (autograd backward) remats too (`slow`); the compiled train step refuses it in one line.
 (ZeRO-1 on 2 and 4 processes: tests/test_sharding.py.)
 """
 
@@ -104,6 +104,7 @@ def test_remat_gradients_equal_and_fewer_saved_activations(models, remat):
     assert n < _SAVED[remat] * n0, (remat, n / n0)
 
 
+@pytest.mark.slow  # one Dynamo + AOTAutograd compile of the UNet with remat (~40 s on 2 busy cores)
 def test_remat_in_a_compiled_unet_call(models):
     g0, _ = _unet_grads(models, "none")
     g, _ = _unet_grads(models, "all", compiled=True)

@@ -39,10 +39,8 @@ def size(shard: Shard, numel: int) -> int:
 def local(x: torch.Tensor, shard: Shard) -> torch.Tensor:
     """This rank's slice of a full flat vector (zero-padded at the end)."""
     n = size(shard, x.shape[0])
-    lo = shard.rank * n
-    if lo + n > x.shape[0]:
-        x = F.pad(x, (0, shard.world * n - x.shape[0]))
-    return x[lo:lo + n]
+    mine = x[shard.rank * n:(shard.rank + 1) * n]  # a view; only the last slices need padding
+    return mine if mine.shape[0] == n else F.pad(mine, (0, n - mine.shape[0]))
 
 
 def n_decay(shard: Shard, numel: int, n_decay_full: int) -> int:
