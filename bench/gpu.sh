@@ -20,6 +20,10 @@
 #                      (run_export.py's exporter) vs sd_func eager / compiled vs diffusers,
 #                      checked against sd_func's fp16 output. Needs `pip install tensorrt onnx`;
 #                      skipped when tensorrt is missing.
+#   4. bench/train_scale.py  the same step at global batch 8, 16, 32, 64 (the largest that fits shows),
+#                      bf16: eager, compiled, remat=all (eager), grad_accum=2; with 2+ GPUs also
+#                      2-process data parallel unsharded and ZeRO-1 (shard_optimizer): img/s per GPU
+#                      and peak memory per rank. (Not yet run on a GPU: see BENCHMARKS.md.)
 # Needs torch with CUDA, diffusers, transformers, safetensors, tqdm and ml_collections
 # (+ absl, yaml); nothing is installed or downloaded (weights are random).
 set -u
@@ -85,7 +89,8 @@ if [ "$TINY" = 1 ]; then
   SAMPLE=(--preset tiny --steps 3 --iters 1 --warmup 1 --dtype fp32 --modes sd_func_eager,diffusers_eager)
   TRAIN=(--preset tiny --batch 2 --steps 2 --warmup 1 --modes sd_func_eager,diffusers_eager)
   TRT=(--tiny --size 8 --iters 2 --warmup 1)
-  T_UNET=600; T_SAMPLE=300; T_TRAIN=300; T_TRT=300
+  SCALE=(--preset tiny --batch 4 --steps 2 --warmup 1 --precision fp32 --rows base,remat_all,accum2)
+  T_UNET=600; T_SAMPLE=300; T_TRAIN=300; T_TRT=300; T_SCALE=300
 else
   # fp16: eager both layouts, compiled channels_last only; bf16: eager only (compiles cost ~1 min each)
   # fp32: diffusers eager channels_last only, the reference the others' errors are measured from
@@ -95,7 +100,11 @@ else
   TRAIN=(--preset sd15 --batch 8 --steps 8 --warmup 2 --precision bf16 --inputs latents
          --modes sd_func_eager,diffusers_eager)
   TRT=(--size 64 --batch 2 --iters 20 --warmup 3)
-  T_UNET=270; T_SAMPLE=100; T_TRAIN=110; T_TRT=240
+  ROWS=base,remat_all,accum2
+  NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+  [ "${NGPU:-0}" -ge 2 ] && ROWS=$ROWS,dp2,zero2
+  SCALE=(--preset sd15 --batch 8,16,32,64 --steps 4 --warmup 2 --precision bf16 --rows "$ROWS")
+  T_UNET=270; T_SAMPLE=100; T_TRAIN=110; T_TRT=240; T_SCALE=420
 fi
 
 START=$(date +%s)
@@ -115,6 +124,9 @@ if [ "$DEVICE" = cuda ] && python -c "import tensorrt, onnx" 2>/dev/null; then
 else
   echo; echo "=== tensorrt: skipped (needs CUDA and pip install tensorrt onnx)"
 fi
+stage scale "$T_SCALE" python bench/train_scale.py "${SCALE[@]}" --out "$OUTDIR/train_scale.json"
+[ "$TINY" = 1 ] || stage scale_compiled "$T_SCALE" python bench/train_scale.py "${SCALE[@]}" --rows base --compile \
+  --out "$OUTDIR/train_scale_compiled.json"
 
 python - "$OUTDIR" <<'EOF'
 """One table: what this run measured, next to published figures (other machines, other code)."""
@@ -155,6 +167,15 @@ if r:
     for x in r["results"]:
         rows.append((f"UNet call B={r['info']['batch']} {r['info']['size']}x{r['info']['size']} {x['impl']}",
                      f"{1e3 / x['ms']:.1f} it/s", f"{x['ms']:.2f} ms, max rel err {x['rel_err']:.1e}", ""))
+for name in ("train_scale.json", "train_scale_compiled.json"):
+    sc = load(name)
+    for r in (sc or {}).get("results", []):
+        how = f"{sc['info']['precision']} {'compiled' if r.get('compiled') else 'eager'}"
+        if r.get("failed"):
+            rows.append((f"scale {r['row']} B={r['batch']} {how}", "-", r["failed"], ""))
+            continue
+        rows.append((f"scale {r['row']} B={r['batch']} x{r['world']} {how}", f"{r['images_per_s'] / r['world']:.1f} img/s/GPU",
+                     f"{r.get('peak_mem_gib', float('nan')):.1f} GiB peak/rank, opt+EMA {r['opt_ema_mib']:.0f} MiB/rank", ""))
 published = [
     ("published: A100 diffusers + torch.compile, SD 1.5 512 px fp16", "~50 it/s", "", "A100"),
     ("published: A100 TensorRT, SD 1.5 512 px fp16", "~61 it/s", "", "A100"),

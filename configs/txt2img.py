@@ -35,6 +35,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         precision="bf16", compile=True, train_text_encoder=False,
         checkpoint_every=1000, keep_checkpoints=3, log_every=50, sample_every=5000,
         loss_scale_init=2.0**16, loss_scale_window=1000,
+        grad_accum=1,           # micro-batches per step: global batch = micro x grad_accum x processes
+        remat="none",           # activation checkpointing: none | attention | resnets | all (eager step)
+        shard_optimizer=False,  # ZeRO-1: AdamW moments and EMA sharded over the processes
     ))
     c.update(overrides)
     return c
@@ -44,6 +47,8 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict(dict(
         kind="folder", path="", resolution=512, center_crop=True, random_flip=True,
         num_workers=2,
+        buckets="",             # aspect-ratio buckets: "" (off), "auto", or "HxW,HxW,..." (sd_func.data.buckets)
+        bucket_step=64, bucket_max_ratio=2.0,  # the "auto" table: sides multiple of step, aspect <= ratio
     ))
     c.update(overrides)
     return c

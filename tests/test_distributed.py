@@ -5,7 +5,6 @@ This file is also the torchrun worker (`python -m torch.distributed.run ... this
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import train_runs as runs  # noqa: E402
 from configs import tiny  # noqa: E402
 from sd_func import random, tree  # noqa: E402
 from sd_func.models import autoencoder, text_encoder, unet  # noqa: E402
@@ -70,13 +70,7 @@ def _worker(out_dir: str, mode: str) -> None:
 
 
 def _torchrun(tmp_path, mode: str, timeout: float) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.abspath(__file__), str(tmp_path), mode]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, check=False)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    runs.torchrun(__file__, 2, tmp_path, mode, timeout=timeout)
     return [load_file(os.path.join(tmp_path, f"rank{r}.safetensors")) for r in range(2)]
 
 

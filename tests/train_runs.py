@@ -30,6 +30,9 @@ def args(log_every: int) -> list[str]:
             f"--config.train.log_every={log_every}", "--config.train.batch_size=4", "--config.train.lr=1e-4"]
 
 
+ARGS_SHARDED = [*args(log_every=1), "--config.train.shard_optimizer=True", "--config.train.weight_decay=0.1"]
+
+
 def env() -> dict:
     out = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, HF_HUB_OFFLINE="1")
     out.pop("SD_FUNC_TRACEBACK", None)
@@ -49,6 +52,18 @@ def run(base: list[str], workdir: str, *extra, nproc: int = 1, check: bool = Tru
                        text=True, timeout=600, check=False)
     if check and p.returncode != 0:
         raise AssertionError(f"run_train.py failed ({p.returncode}):\n{p.stderr[-4000:]}")
+    return p
+
+
+def torchrun(script: str, nproc: int, *script_args, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m torch.distributed.run --standalone --nproc_per_node=N script args`; asserts exit 0."""
+    e = dict(env(), PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.abspath(script), *map(str, script_args)]
+    p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout, check=False)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return p
 
 

@@ -10,13 +10,15 @@
 
 Map-style kinds (shapes, folder, latents) are a pure function of (seed, step,
 global index), whatever the world size; webdataset is a stream per rank whose
-position is its state.
+position is its state. With config.data.buckets (folder; latents precached with
+buckets) every global batch comes from one aspect-ratio bucket and carries
+"bucket": (H, W) (sd_func.data.buckets).
 """
 
-from sd_func.data import dreambooth, folder, latents, loader, shapes, webdataset
+from sd_func.data import buckets, dreambooth, folder, latents, loader, shapes, webdataset
 from sd_func.errors import UserError
 
-__all__ = ["KINDS", "dreambooth", "folder", "latents", "loader", "make_source", "shapes", "webdataset"]
+__all__ = ["KINDS", "buckets", "dreambooth", "folder", "latents", "loader", "make_source", "shapes", "webdataset"]
 
 KINDS = {
     "shapes": shapes.make_source,

@@ -13,7 +13,9 @@ import json
 import logging
 import os
 
-from sd_func.data import loader, transforms
+from PIL import Image
+
+from sd_func.data import buckets, loader, transforms
 from sd_func.errors import MissingFileError, UserError
 
 log = logging.getLogger("sd_func.data")
@@ -78,16 +80,31 @@ class FolderDataset:
         self.num_examples = len(self.entries)
         self.resolution, self.center_crop, self.random_flip = int(resolution), center_crop, random_flip
 
-    def load(self, index: int, key: int):
+    def load(self, index: int, key: int, size=None):
+        """Example `index` at resolution R, or at size (H, W) (its aspect-ratio bucket)."""
         file, text = self.entries[index]
         img = transforms.try_decode(file, file)
         if img is None:
             return None
-        x = transforms.preprocess(img, self.resolution, key, self.center_crop, self.random_flip)
+        x = transforms.preprocess(img, size or self.resolution, key, self.center_crop, self.random_flip)
         return {"images": x, "captions": text}
+
+    def bucket_of(self, table: list) -> list[int]:
+        """Each image's nearest aspect-ratio bucket, from its header (an unreadable one: 0, skipped later)."""
+        out = []
+        for file, _ in self.entries:
+            try:
+                with Image.open(file) as im:
+                    out.append(buckets.nearest(*im.size, table))
+            except Exception:  # as transforms.try_decode: the load will skip and log it
+                out.append(0)
+        return out
 
 
 def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1) -> loader.MapSource:
     ds = FolderDataset(cfg_data.path, cfg_data.resolution, cfg_data.get("center_crop", True),
                        cfg_data.get("random_flip", False))
+    table = buckets.resolve(cfg_data)
+    if table is not None:
+        return buckets.BucketSource("folder", ds, table, seed, rank, world, num_workers=cfg_data.get("num_workers", 0))
     return loader.MapSource("folder", ds, seed, rank, world, num_workers=cfg_data.get("num_workers", 0))

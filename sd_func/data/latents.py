@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from sd_func import checkpoint, random, tree
-from sd_func.data import folder, loader, shapes, webdataset
+from sd_func.data import buckets, folder, loader, shapes, webdataset
 from sd_func.errors import MissingFileError, UserError
 from sd_func.models import autoencoder, text_encoder, tokenizer
 
@@ -76,7 +76,12 @@ class LatentsDataset:
             self.empty_context = f.get_tensor("context")[0]
         self._lock = threading.Lock()
 
-    def load(self, index: int, key=None) -> dict:
+    def bucket_of(self, table: list) -> list[int]:
+        """Each example's bucket: its shard's (precache wrote one bucket per shard)."""
+        where = {tuple(hw): i for i, hw in enumerate(table)}
+        return [where[tuple(s["bucket"])] for s in self.meta["shards"] for _ in range(s["count"])]
+
+    def load(self, index: int, key=None, size=None) -> dict:
         s = bisect.bisect_right(self._starts, index) - 1
         row, f = index - self._starts[s], self._files[s]
         with self._lock:
@@ -90,14 +95,21 @@ class LatentsDataset:
 class LatentsSource(loader.MapSource):
     """MapSource over a latents folder; `empty_context` [L, D] is the empty prompt's embedding."""
 
-    def __init__(self, path: str, seed: int, rank: int = 0, world: int = 1, num_workers: int = 0):
-        ds = LatentsDataset(path)
+    def __init__(self, path: str, seed: int, rank: int = 0, world: int = 1, num_workers: int = 0, ds=None):
+        ds = ds or LatentsDataset(path)
         super().__init__("latents", ds, seed, rank, world, num_workers=num_workers)
         self.meta, self.empty_context = ds.meta, ds.empty_context
 
 
-def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1) -> LatentsSource:
-    return LatentsSource(cfg_data.path, seed, rank, world, num_workers=cfg_data.get("num_workers", 0))
+def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1):
+    """A LatentsSource, or a buckets.BucketSource when the folder was precached with buckets."""
+    ds = LatentsDataset(cfg_data.path)
+    if "buckets" not in ds.meta:
+        return LatentsSource(cfg_data.path, seed, rank, world, num_workers=cfg_data.get("num_workers", 0), ds=ds)
+    table = [tuple(hw) for hw in ds.meta["buckets"]]
+    src = buckets.BucketSource("latents", ds, table, seed, rank, world, num_workers=cfg_data.get("num_workers", 0))
+    src.meta, src.empty_context = ds.meta, ds.empty_context
+    return src
 
 
 # ----------------------------------------------------------------------------- writing
@@ -115,8 +127,14 @@ def examples_once(cfg_data, seed: int, num_examples: int | None = None):
     elif kind == "folder":
         ds = folder.FolderDataset(cfg_data.path, cfg_data.resolution, cfg_data.get("center_crop", True),
                                   cfg_data.get("random_flip", False))
-        yield from _readable((ds.load(i, loader.example_key(seed, i)) for i in range(ds.num_examples)),
-                             num_examples)
+        table = buckets.resolve(cfg_data)  # aspect-ratio buckets: each image at its bucket's size
+        of = ds.bucket_of(table) if table else [None] * ds.num_examples
+
+        def load(i):
+            ex = ds.load(i, loader.example_key(seed, i), table[of[i]] if table else None)
+            return ex if ex is None or not table else dict(ex, bucket=of[i])
+
+        yield from _readable((load(i) for i in range(ds.num_examples)), num_examples)
     elif kind == "webdataset":
         def stream():
             for shard in webdataset.expand_braces(cfg_data.path):
@@ -172,10 +190,12 @@ def precache(params: dict, cfg, out: str, seed: int = 0, num_examples: int | Non
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the result is an ordinary folder
-    shards, pending, skipped = [], [], 0
-    buf = {"moments": [], "context": [], "captions": []}
+    shards, skipped = [], 0
+    table = buckets.resolve(cfg.data) if cfg.data.kind == "folder" else None
+    groups: dict = {}  # bucket (None without buckets) -> its pending examples and shard buffer
 
-    def flush_batch():
+    def flush_batch(g):
+        pending, buf = g["pending"], g["buf"]
         if pending:
             imgs = torch.stack([e["images"] for e in pending])
             caps = [e["captions"] for e in pending]
@@ -185,25 +205,30 @@ def precache(params: dict, cfg, out: str, seed: int = 0, num_examples: int | Non
             buf["captions"] += caps
             pending.clear()
 
-    def flush_shard():
+    def flush_shard(bucket, g):
+        buf = g["buf"]
         if buf["captions"]:
             name = shard_name(len(shards))
             tensors = {k: torch.cat(buf[k]).contiguous() for k in ("moments", "context")}
             save_file(tensors, os.path.join(tmp, name), metadata={"captions": json.dumps(buf["captions"])})
-            shards.append({"file": name, "count": len(buf["captions"])})
+            shards.append({"file": name, "count": len(buf["captions"]),
+                           **({"bucket": list(table[bucket])} if table else {})})
             for v in buf.values():
                 v.clear()
 
     try:
         for ex, skip in examples_once(cfg.data, seed, num_examples):
             skipped += skip
-            pending.append(ex)
-            if len(pending) == batch_size or len(buf["captions"]) + len(pending) >= shard_size:
-                flush_batch()
-            if len(buf["captions"]) >= shard_size:
-                flush_shard()
-        flush_batch()
-        flush_shard()
+            bucket = ex.pop("bucket", None)
+            g = groups.setdefault(bucket, {"pending": [], "buf": {"moments": [], "context": [], "captions": []}})
+            g["pending"].append(ex)
+            if len(g["pending"]) == batch_size or len(g["buf"]["captions"]) + len(g["pending"]) >= shard_size:
+                flush_batch(g)
+            if len(g["buf"]["captions"]) >= shard_size:
+                flush_shard(bucket, g)
+        for bucket, g in sorted(groups.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+            flush_batch(g)
+            flush_shard(bucket, g)
         if not shards:
             raise UserError(f"precache: config.data ({cfg.data.kind}, {cfg.data.get('path', '')!r}) gave no "
                              f"readable example ({skipped} skipped)")
@@ -218,6 +243,7 @@ def precache(params: dict, cfg, out: str, seed: int = 0, num_examples: int | Non
         index = {
             "format": FORMAT, "num_examples": sum(s["count"] for s in shards), "shards": shards,
             "resolution": cfg.data.resolution, "moments_shape": list(moments_shape),
+            **({"buckets": [list(hw) for hw in table]} if table else {}),
             "context_shape": list(empty.shape[1:]),
             "dtype": str(dtype).replace("torch.", ""), "clip_skip": clip_skip(cfg),
             "scaling_factor": cfg.vae.get("scaling_factor", None), "skipped": skipped, "seed": seed,

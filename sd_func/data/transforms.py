@@ -39,22 +39,25 @@ def try_decode(source, name: str):
         return None
 
 
-def preprocess(img: Image.Image, resolution: int, key: int, center_crop: bool = True,
+def preprocess(img: Image.Image, resolution, key: int, center_crop: bool = True,
                random_flip: bool = False) -> torch.Tensor:
-    """Resize smallest side, crop, flip: float32 [3, R, R] in [-1, 1]."""
-    r = int(resolution)
+    """Resize to cover, crop, flip: float32 [3, H, W] in [-1, 1].
+
+    resolution: R (a square R x R: the smallest side resized to R) or (H, W), an
+    aspect-ratio bucket (the image scaled until it covers H x W, then cropped to it)."""
+    th, tw = map(int, resolution) if isinstance(resolution, (tuple, list)) else (int(resolution),) * 2
     w, h = img.size
-    scale = r / min(w, h)
-    size = (max(r, round(w * scale)), max(r, round(h * scale)))
+    scale = max(th / h, tw / w)
+    size = (max(tw, round(w * scale)), max(th, round(h * scale)))
     if size != (w, h):
         img = img.resize(size, Image.BILINEAR, reducing_gap=None)
     w, h = size
     u = random.uniform(key, (3,)).tolist()
     if center_crop:
-        top, left = round((h - r) / 2.0), round((w - r) / 2.0)
+        top, left = round((h - th) / 2.0), round((w - tw) / 2.0)
     else:
-        top, left = min(math.floor(u[0] * (h - r + 1)), h - r), min(math.floor(u[1] * (w - r + 1)), w - r)
-    x = np.array(img.crop((left, top, left + r, top + r)), dtype=np.uint8)
+        top, left = min(math.floor(u[0] * (h - th + 1)), h - th), min(math.floor(u[1] * (w - tw + 1)), w - tw)
+    x = np.array(img.crop((left, top, left + tw, top + th)), dtype=np.uint8)
     if random_flip and u[2] < 0.5:
         x = x[:, ::-1]
     return to_tensor(x)

@@ -7,12 +7,19 @@ context, cfg)` maps a noisy latent x [B,C,H,W], timesteps t and text context [B,
 the model output (eps or v) of x's shape and dtype. Params are nested dicts whose
 "/"-joined paths are UNet2DConditionModel's state-dict names; cfg fields are its
 config.json names (plus `head_dim`, an sd_func extension: heads = channels // head_dim).
+
+Activation checkpointing (Chen et al. 2016, "Training Deep Nets with Sublinear Memory
+Cost"): `apply(..., remat=)` runs the ResNet blocks, the spatial transformers or both
+("resnets", "attention", "all") through torch.utils.checkpoint (non-reentrant), so that
+autograd keeps only each block's inputs and recomputes its inside during backward. The
+outputs and gradients are those of remat="none"; only peak memory and time change.
 """
 
 from typing import Any
 
 import ml_collections
 import torch
+import torch.utils.checkpoint
 
 from sd_func import nn, random
 from sd_func.errors import UserError
@@ -22,6 +29,7 @@ DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_TYPES = ("UNetMidBlock2DCrossAttn",)
 ACT_FNS = ("silu", "swish", "gelu")
+REMAT = ("none", "attention", "resnets", "all")   # which blocks apply(..., remat=) recomputes
 
 _DEFAULTS = dict(  # Stable Diffusion 1.5
     in_channels=4, out_channels=4, sample_size=64,
@@ -224,12 +232,25 @@ def _timesteps(t, batch: int, device) -> torch.Tensor:
     return t.expand(batch)
 
 
-def apply(params: dict, x: torch.Tensor, t: Any, context: torch.Tensor, cfg) -> torch.Tensor:
+def _remat(fn, on: bool):
+    """fn, or fn through non-reentrant activation checkpointing."""
+    if not on:
+        return fn
+    return lambda *args: torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+
+
+def apply(params: dict, x: torch.Tensor, t: Any, context: torch.Tensor, cfg, remat: str = "none") -> torch.Tensor:
     """UNet output (eps or v) for noisy latents x [B,C,H,W] at timesteps t given context [B,L,D].
 
     t: a Python number, a 0-d tensor or a [B] tensor, integer or fractional. Computation
     runs in the params' dtype; the result has x's shape (out_channels) and dtype.
+    remat: one of REMAT, the blocks whose activations are recomputed in backward (autograd,
+    also under torch.compile; torch.func transforms do not support it in torch 2.13).
     """
+    if remat not in REMAT:
+        raise UserError(f"unet.apply: remat={remat!r}: expected one of {REMAT}")
+    resnet = _remat(blocks.resnet, remat in ("resnets", "all"))
+    transformer = _remat(blocks.transformer_2d, remat in ("attention", "all"))
     plan = _plan(cfg)
     if x.ndim != 4 or x.shape[1] != cfg.in_channels:
         raise ValueError(f"unet.apply: x must be [B,{cfg.in_channels},H,W], got {tuple(x.shape)}")
@@ -241,7 +262,7 @@ def apply(params: dict, x: torch.Tensor, t: Any, context: torch.Tensor, cfg) -> 
     groups, eps, n = cfg.norm_num_groups, cfg.norm_eps, len(plan["channels"])
 
     def attn(p, h, i):
-        return blocks.transformer_2d(p, h, context, plan["heads"][i], plan["tlayers"][i], groups)
+        return transformer(p, h, context, plan["heads"][i], plan["tlayers"][i], groups)
 
     # Time embedding: sinusoids in float32, MLP in the params' dtype; every resnet sees act(emb).
     t_freq = nn.timestep_embedding(_timesteps(t, x.shape[0], x.device), plan["channels"][0],
@@ -259,7 +280,7 @@ def apply(params: dict, x: torch.Tensor, t: Any, context: torch.Tensor, cfg) -> 
     for i in range(n):
         b = params["down_blocks"][str(i)]
         for j in range(plan["layers"][i]):
-            h = blocks.resnet(b["resnets"][str(j)], h, temb, groups, eps, act)
+            h = resnet(b["resnets"][str(j)], h, temb, groups, eps, act)
             if plan["down_attn"][i]:
                 h = attn(b["attentions"][str(j)], h, i)
             skips.append(h)
@@ -268,16 +289,16 @@ def apply(params: dict, x: torch.Tensor, t: Any, context: torch.Tensor, cfg) -> 
             skips.append(h)
 
     m, s = params["mid_block"], cfg.mid_block_scale_factor
-    h = blocks.resnet(m["resnets"]["0"], h, temb, groups, eps, act, s)
+    h = resnet(m["resnets"]["0"], h, temb, groups, eps, act, s)
     h = attn(m["attentions"]["0"], h, n - 1)
-    h = blocks.resnet(m["resnets"]["1"], h, temb, groups, eps, act, s)
+    h = resnet(m["resnets"]["1"], h, temb, groups, eps, act, s)
 
     for i in range(n):
         r = n - 1 - i
         b = params["up_blocks"][str(i)]
         for j in range(plan["layers"][r] + 1):
             h = torch.cat([h, skips.pop()], dim=1)
-            h = blocks.resnet(b["resnets"][str(j)], h, temb, groups, eps, act)
+            h = resnet(b["resnets"][str(j)], h, temb, groups, eps, act)
             if plan["up_attn"][i]:
                 h = attn(b["attentions"][str(j)], h, r)
         if i < n - 1:

@@ -15,6 +15,7 @@ from sd_func import backend, data, lora
 from sd_func.checkpoint import lora_files
 from sd_func.diffusion import losses
 from sd_func.errors import UserError
+from sd_func.models.unet import REMAT
 from sd_func.train import lr as lr_lib
 
 
@@ -88,6 +89,17 @@ def _lora(s, where: str = "config.lora") -> None:
             raise UserError(f"{where}.format={s.format!r}: expected one of {lora_files.FORMATS}")
 
 
+def check_remat(t, where: str = "config.train") -> None:
+    """remat is one of unet.REMAT, and only with an eager step: the compiled step differentiates
+    with torch.func, whose transforms refuse the saved-tensor hooks of torch.utils.checkpoint."""
+    remat = t.get("remat", "none")
+    if remat not in REMAT:
+        raise UserError(f"{where}.remat={remat!r}: expected one of {REMAT}")
+    if remat != "none" and t.compile:
+        raise UserError(f"{where}.remat={remat!r} needs {where}.compile=False (torch.func, the compiled "
+                        "step's autodiff, does not support activation checkpointing)")
+
+
 def validate(cfg) -> None:
     """Raise a one-line UserError for the first bad value in cfg.train, cfg.vae_train or cfg.data."""
     t, where = _get(cfg, "train", "config"), "config.train"
@@ -101,6 +113,12 @@ def validate(cfg) -> None:
     _check(t, where, "prior_loss_weight", lambda v: v >= 0, "a number >= 0", optional=True)
     if "lora" in cfg:
         _lora(cfg.lora)
+    _check(t, where, "grad_accum", lambda v: v >= 1, "an integer >= 1", integer=True, optional=True)
+    check_remat(t, where)
+    if not isinstance(t.get("shard_optimizer", False), bool):
+        raise UserError(f"{where}.shard_optimizer={t.shard_optimizer!r}: expected True or False")
+    if int(t.batch_size) % int(t.get("grad_accum", 1)):
+        raise UserError(f"{where}.batch_size={t.batch_size} is not divisible by {where}.grad_accum={t.grad_accum}")
     if "vae_train" in cfg:
         v, where = cfg.vae_train, "config.vae_train"
         _optimizer(v, where)
@@ -111,6 +129,14 @@ def validate(cfg) -> None:
         r, f = d.get("resolution"), 2 ** (len(cfg.vae.block_out_channels) - 1)
         if not _number(r) or r < 1 or int(r) != r or r % f:
             raise UserError(f"config.data.resolution={r!r}: expected a positive multiple of the VAE's "
+                            f"downsampling factor {f}")
+        table = data.buckets.resolve(d) or []
+        if table and d.kind != "folder":
+            raise UserError(f"config.data.buckets={d.buckets!r}: aspect-ratio buckets work with kind 'folder' "
+                            f"(and 'latents' precached from one), not {d.kind!r}")
+        bad = [hw for hw in table if hw[0] % f or hw[1] % f]
+        if bad:
+            raise UserError(f"config.data.buckets: {bad[0][0]}x{bad[0][1]} is not a multiple of the VAE's "
                             f"downsampling factor {f}")
     if "diffusion" in cfg:
         _choice(cfg.diffusion, "config.diffusion", "prediction_type", losses.PREDICTION_TYPES)

@@ -38,7 +38,7 @@ from sd_func import backend, checkpoint, data, lora, pipelines, random, tree
 from sd_func.checkpoint import training as checkpoints
 from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, tokenizer, unet
-from sd_func.train import checks, distributed, dreambooth, preemption, unet_stage
+from sd_func.train import checks, distributed, dreambooth, preemption, sharding, unet_stage
 from sd_func.train import logging as train_logging
 from sd_func.train import state as train_state
 
@@ -118,7 +118,7 @@ def sample_grid(state: dict, frozen_models: dict, cfg, workdir: str, step: int, 
     return path
 
 
-def _prepare(batch: dict, step: int, key: int, cfg, tok, shape, device) -> tuple[dict, int]:
+def _prepare(batch: dict, step: int, key: int, cfg, tok, device) -> tuple[dict, int]:
     """The step's inputs: tensors on device, token ids for captions, step_inputs' noise."""
     skipped = int(batch.pop("skipped", 0))
     captions = batch.pop("captions", None)
@@ -126,16 +126,16 @@ def _prepare(batch: dict, step: int, key: int, cfg, tok, shape, device) -> tuple
     if "images" in out:
         max_length = tokenizer.max_length(tok, cfg.text_encoder)
         out["input_ids"] = tokenizer.encode(tok, captions, max_length=max_length).to(device)
+    shape = unet_stage.batch_latent_shape(cfg, out)
     out.update(unet_stage.step_inputs(cfg, key, step, batch["index"].tolist(), shape, device=device))
     return out, skipped
 
 
-def _latent_shape(cfg, source) -> tuple:
-    ds = getattr(source, "meta", None)
-    if isinstance(ds, dict) and "moments_shape" in ds:  # precached latents: the stored shape
-        c2, h, w = ds["moments_shape"][-3:]
-        return (c2 // 2, h, w)
-    return unet_stage.latent_shape(cfg)
+def _with_bucket(metrics: dict, bucket) -> dict:
+    """Aspect-ratio buckets: the step's (height, width) joins its metrics, to be logged."""
+    if bucket is None:
+        return metrics
+    return dict(metrics, bucket_height=torch.tensor(float(bucket[0])), bucket_width=torch.tensor(float(bucket[1])))
 
 
 def _frozen_inputs(cfg, frozen_models: dict, source, tok, device) -> dict:
@@ -177,6 +177,14 @@ def _check_finite(row: dict, step: int, cfg, workdir: str) -> None:
             "Lower config.train.lr, raise warmup or use precision=fp32 and resume.")
 
 
+def _check_batch(tcfg, world: int) -> None:
+    """The global batch splits into world x grad_accum equal micro-batches."""
+    accum = int(tcfg.get("grad_accum", 1))
+    if int(tcfg.batch_size) % (world * accum):
+        raise UserError(f"config.train.batch_size={tcfg.batch_size} is not divisible by the world size {world}"
+                        + (f" x config.train.grad_accum={accum}" if accum > 1 else ""))
+
+
 def train(cfg, workdir: str, *, compile_backend: str = "inductor") -> dict:
     """Train cfg in workdir (resuming its newest checkpoint); returns this rank's final state.
 
@@ -185,9 +193,7 @@ def train(cfg, workdir: str, *, compile_backend: str = "inductor") -> dict:
     """
     checks.validate(cfg)
     world = distributed.launch_world_size()  # checked before a rendezvous could hang
-    if int(cfg.train.batch_size) % world:
-        raise UserError(f"config.train.batch_size={cfg.train.batch_size} is not divisible by the "
-                        f"world size {world}")
+    _check_batch(cfg.train, world)
     backend.set_matmul_precision(cfg.train.precision)
     rank, world, device = distributed.init()
     try:
@@ -208,8 +214,7 @@ def _train(cfg, workdir, rank, world, device, compile_backend, caught) -> dict:
     main = rank == 0
     tcfg = cfg.train
     global_batch, total = int(tcfg.batch_size), int(tcfg.steps)
-    if global_batch % world:
-        raise UserError(f"config.train.batch_size={global_batch} is not divisible by the world size {world}")
+    _check_batch(tcfg, world)
     workdir = os.path.abspath(workdir)
     if main:
         os.makedirs(workdir, exist_ok=True)
@@ -237,9 +242,12 @@ def _train(cfg, workdir, rank, world, device, compile_backend, caught) -> dict:
     tcfg = cfg.train
     params = tree.to(params, device=device)
 
-    state, tx, lay, frozen_models = unet_stage.setup(cfg, params, random.fold_in(root_keys(cfg.seed)[0], _LORA_TAG))
-    if ckpt is not None:
-        state = train_state.restore(ckpt, state)
+    shard = sharding.from_config(tcfg, rank, world)  # ZeRO-1: opt + EMA of this rank's slice
+    state, tx, lay, frozen_models = unet_stage.setup(cfg, params, random.fold_in(root_keys(cfg.seed)[0], _LORA_TAG),
+                                                     shard=shard)
+    full_state = lambda: train_state.gather(state, lay, shard)  # a collective when sharded
+    if ckpt is not None:  # checkpoints hold the unsharded state, whatever the world size that wrote them
+        state = train_state.scatter(train_state.restore(ckpt, full_state()), state, lay, shard)
 
     if meta is not None and meta.get("data"):
         source.restore(meta["data"])
@@ -247,9 +255,9 @@ def _train(cfg, workdir, rank, world, device, compile_backend, caught) -> dict:
     precached = getattr(source, "empty_context", None) is not None
     tok = None if precached else tokenizer.load(cfg.text_encoder.tokenizer)
     frozen = _frozen_inputs(cfg, frozen_models, source, tok, device)
-    shape = _latent_shape(cfg, source)
     step_key = root_keys(cfg.seed)[1]
-    step_fn = unet_stage.make_train_step(cfg, tx, lay, world=world, backend=compile_backend)
+    step_fn = unet_stage.make_train_step(cfg, tx, lay, world=world, backend=compile_backend, shard=shard,
+                                         num_shapes=len(getattr(source, "buckets", None) or ()) or 1)
 
     writer = None
     if main:
@@ -269,9 +277,12 @@ def _train(cfg, workdir, rank, world, device, compile_backend, caught) -> dict:
     sample_unet = None
     try:
         for s in range(start, total):
-            batch, skipped = _prepare(source.batch(s, global_batch), s, step_key, cfg, tok, shape, device)
+            raw = source.batch(s, global_batch)
+            bucket = raw.pop("bucket", None)  # aspect-ratio buckets: this step's (height, width)
+            batch, skipped = _prepare(raw, s, step_key, cfg, tok, device)
             skipped_data += skipped
             state, metrics = step_fn(state, frozen, batch)
+            metrics = _with_bucket(metrics, bucket)
             executed += 1
             history.append(metrics)
             done = s + 1
@@ -288,21 +299,24 @@ def _train(cfg, workdir, rank, world, device, compile_backend, caught) -> dict:
                                    "skipped since the last log step (see the data warnings above)")
                 history, skipped_data, t0, n0 = [], 0, time.perf_counter(), done
             if ckpt_every and done % ckpt_every == 0:
-                _save(workdir, done, state, frozen_models, source, cfg, world, main)
+                _save(workdir, done, full_state(), frozen_models, source, cfg, world, main)
                 saved = done
             signum = preemption.agreed_signal(caught) if done < total else 0
             if signum:  # every rank stops after this same step
                 if saved != done:
-                    _save(workdir, done, state, frozen_models, source, cfg, world, main)
+                    _save(workdir, done, full_state(), frozen_models, source, cfg, world, main)
                     saved = done
                 preemption.stop(signum, done, checkpoints.step_dir(workdir, done), main)
-            if main and sample_every and done % sample_every == 0:
-                if sample_unet is None:  # built once, at the first grid, and held for the run
-                    sample_unet = pipelines.make_unet_fn(cfg.unet, cfg.sample.get("compile", False))
-                path = sample_grid(state, frozen_models, cfg, workdir, done, sample_unet)
-                writer.image(done, "samples", _read_png(path))
+            if sample_every and done % sample_every == 0 and (main or shard is not None):
+                grid_state = full_state()
+                if main:
+                    if sample_unet is None:  # built once, at the first grid, and held for the run
+                        sample_unet = pipelines.make_unet_fn(cfg.unet, cfg.sample.get("compile", False))
+                    path = sample_grid(grid_state, frozen_models, cfg, workdir, done, sample_unet)
+                    writer.image(done, "samples", _read_png(path))
         if saved != total and total > start:
-            _save(workdir, total, state, frozen_models, source, cfg, world, main)
+            _save(workdir, total, full_state(), frozen_models, source, cfg, world, main)
+        state = full_state()
         if main:
             tqdm.write(f"sd_func train: ran {executed} steps, {start} -> {start + executed}")
     finally:

@@ -41,6 +41,7 @@ import torch
 from sd_func import tree
 from sd_func.errors import UserError
 from sd_func.train import lr as lr_lib
+from sd_func.train import sharding
 
 
 class Transform(NamedTuple):
@@ -85,14 +86,16 @@ def chain(*transforms: Transform) -> Transform:
     return Transform("chain", init, update)
 
 
-def clip_by_global_norm(max_norm: float) -> Transform:
-    """Scale the gradient so its global norm is at most max_norm (no-op when max_norm <= 0)."""
+def clip_by_global_norm(max_norm: float, norm_fn: Callable = global_norm) -> Transform:
+    """Scale the gradient so its global norm is at most max_norm (no-op when max_norm <= 0).
+
+    norm_fn: the norm of the gradient (a sharded one: train.sharding.norm over all slices)."""
     max_norm = float(max_norm)
 
     def update(grads, state, params, step):
         if max_norm <= 0:
             return grads, state
-        return grads * torch.clamp(max_norm / (global_norm(grads) + 1e-6), max=1.0), state
+        return grads * torch.clamp(max_norm / (norm_fn(grads) + 1e-6), max=1.0), state
 
     return Transform("clip", lambda params: {}, update)
 
@@ -130,12 +133,14 @@ def adamw(lr_fn: Callable, *, b1: float, b2: float, eps: float, weight_decay: fl
 LOSS_SCALE = "loss_scale"
 
 
-def dynamic_loss_scale(inner: Transform, *, init_scale: float, window: int) -> Transform:
+def dynamic_loss_scale(inner: Transform, *, init_scale: float, window: int,
+                       norm_fn: Callable = global_norm) -> Transform:
     """Skip non-finite steps of `inner` and adapt the fp16 loss scale (see the module docstring).
 
     The caller multiplies the loss by `loss_scale(state)` and divides the gradient by it
     before `update`. State: inner's dict plus {"loss_scale": {"scale": f32, "good_steps":
     i64, "skipped": i64}}. A skipped step returns zero updates and keeps inner's state.
+    norm_fn: as clip_by_global_norm's (every slice of a sharded gradient must agree on a skip).
     """
     init_scale, window = float(init_scale), int(window)
 
@@ -151,7 +156,7 @@ def dynamic_loss_scale(inner: Transform, *, init_scale: float, window: int) -> T
     def update(grads, state, params, step):
         ls = state[LOSS_SCALE]
         inner_state = {k: v for k, v in state.items() if k != LOSS_SCALE}
-        finite = torch.isfinite(global_norm(grads))
+        finite = torch.isfinite(norm_fn(grads))
         updates, new_inner = inner.update(grads, inner_state, params, step)
         updates = torch.where(finite, updates, 0.0)
         new_inner = tree.tree_map(lambda n, o: torch.where(finite, n, o), new_inner, inner_state)
@@ -175,18 +180,23 @@ def skipped_steps(state: dict) -> torch.Tensor | None:
     return state[LOSS_SCALE]["skipped"] if LOSS_SCALE in state else None
 
 
-def from_config(tcfg, lay: "Layout", section: str = "config.train") -> Transform:
+def from_config(tcfg, lay: "Layout", section: str = "config.train",
+                shard: sharding.Shard | None = None) -> Transform:
     """The optimizer of a train config section (cfg.train or cfg.vae_train) for `lay`.
 
     chain(clip_by_global_norm(grad_clip), adamw(schedule, adam_b1, adam_b2, adam_eps,
     weight_decay)), wrapped in dynamic_loss_scale(loss_scale_init, loss_scale_window)
-    when precision is "fp16".
+    when precision is "fp16". shard: the optimizer of this rank's slice only (ZeRO-1,
+    train.sharding): its norms are over all slices, its decay covers the slice's part.
     """
-    tx = chain(clip_by_global_norm(tcfg.grad_clip),
+    n_decay = lay.n_decay if shard is None else sharding.n_decay(shard, lay.numel, lay.n_decay)
+    norm_fn = global_norm if shard is None else (lambda g: sharding.norm(g, shard))
+    tx = chain(clip_by_global_norm(tcfg.grad_clip, norm_fn),
                adamw(lr_lib.schedule_fn(tcfg, section), b1=tcfg.adam_b1, b2=tcfg.adam_b2, eps=tcfg.adam_eps,
-                     weight_decay=tcfg.weight_decay, n_decay=lay.n_decay))
+                     weight_decay=tcfg.weight_decay, n_decay=n_decay))
     if tcfg.precision == "fp16":
-        tx = dynamic_loss_scale(tx, init_scale=tcfg.loss_scale_init, window=tcfg.loss_scale_window)
+        tx = dynamic_loss_scale(tx, init_scale=tcfg.loss_scale_init, window=tcfg.loss_scale_window,
+                                norm_fn=norm_fn)
     return tx
 
 
@@ -278,6 +288,9 @@ def state_to_flat(state, template, lay: Layout):
     return flatten(state, lay) if _per_param(template, lay) else state
 
 
-def template(tx: Transform, lay: Layout):
-    """tx's state structure on the meta device (no memory): which leaves are per-parameter."""
-    return tx.init(torch.empty(lay.numel, dtype=torch.float32, device="meta"))
+def template(tx: Transform, lay: Layout, numel: int | None = None):
+    """tx's state structure on the meta device (no memory): which leaves are per-parameter.
+
+    numel: the length of the vector tx updates when it is not lay.numel (a ZeRO-1 slice,
+    whose state vectors then stay flat: they are not per-parameter trees)."""
+    return tx.init(torch.empty(lay.numel if numel is None else numel, dtype=torch.float32, device="meta"))

@@ -17,29 +17,73 @@ float32 vector per tree (optim.Layout); `.clone()` one to keep it alone.
 
 A checkpoint holds the state as trees `params`, `opt`, [`ema`] and `state` (the
 scalars: step); `checkpoint_trees` and `restore` are the two directions.
+
+ZeRO-1 (train.sharding, `shard` given): "params" stay the full trees, but AdamW's mu and
+nu and the EMA are this rank's flat slice only. `gather` (a collective: every rank calls
+it) rebuilds the unsharded state, which is what checkpoints hold, so a sharded run saves
+one loadable model and resumes on any world size; `scatter` takes a rank's slices back out.
 """
 
 import torch
 
 from sd_func import tree
 from sd_func.checkpoint import training as checkpoints
-from sd_func.train import optim
+from sd_func.train import optim, sharding
 
 SCALARS = "state"   # the checkpoint tree of the state's top-level tensors (the step)
 FORMAT_1 = "sd_func.train/1"  # before the optimizer became a chain of transforms
 
 
-def init_state(params: dict, tx: optim.Transform, lay: optim.Layout, *, ema: bool) -> dict:
-    """A fresh train state for `params` (float32 copies, laid out as `lay`), with an EMA if asked."""
+def init_state(params: dict, tx: optim.Transform, lay: optim.Layout, *, ema: bool,
+               shard: sharding.Shard | None = None) -> dict:
+    """A fresh train state for `params` (float32 copies, laid out as `lay`), with an EMA if asked.
+
+    shard: ZeRO-1; tx is then the optimizer of this rank's slice (optim.from_config(..., shard)).
+    """
     flat = optim.flatten(tree.tree_map(lambda x: x.detach().to(torch.float32), params), lay)
     first = tree.flatten(params)[lay.paths[0]]
     if flat.untyped_storage().data_ptr() == first.untyped_storage().data_ptr():
         flat = flat.clone()  # already laid out (e.g. another state's params): own the memory
-    state = {"params": optim.unflatten(flat, lay), "opt": optim.state_to_trees(tx.init(flat), lay),
+    mine = flat if shard is None else sharding.local(flat, shard).clone()
+    state = {"params": optim.unflatten(flat, lay), "opt": optim.state_to_trees(tx.init(mine), lay),
              "step": torch.zeros((), dtype=torch.int64, device=flat.device)}
     if ema:
-        state["ema"] = optim.unflatten(flat.clone(), lay)
+        state["ema"] = optim.unflatten(flat.clone(), lay) if shard is None else mine.clone()
     return state
+
+
+def _is_slice(x, n: int) -> bool:
+    return torch.is_tensor(x) and x.dim() == 1 and x.shape[0] == n
+
+
+def gather(state: dict, lay: optim.Layout, shard: sharding.Shard | None) -> dict:
+    """The unsharded state (per-path trees) of a ZeRO-1 state; `state` itself when shard is None.
+
+    A collective: every rank must call it (one all-gather per sliced vector)."""
+    if shard is None:
+        return state
+    n = sharding.size(shard, lay.numel)
+
+    def full(x):
+        if isinstance(x, dict):
+            return {k: full(v) for k, v in x.items()}
+        return optim.unflatten(sharding.gather(x, shard, lay.numel).clone(), lay) if _is_slice(x, n) else x
+
+    return {k: v if k == "params" else full(v) for k, v in state.items()}
+
+
+def scatter(full: dict, like: dict, lay: optim.Layout, shard: sharding.Shard | None) -> dict:
+    """This rank's ZeRO-1 state from an unsharded one; `like`: a sharded state (the structure)."""
+    if shard is None:
+        return full
+    n = sharding.size(shard, lay.numel)
+
+    def mine(f, ref):
+        if isinstance(ref, dict):
+            return {k: mine(f[k], v) for k, v in ref.items()}
+        return sharding.local(optim.flatten(f, lay), shard).clone() if _is_slice(ref, n) else f
+
+    return {k: full[k] if k == "params" else mine(full[k], v) for k, v in like.items()}
 
 
 def checkpoint_trees(state: dict) -> dict:

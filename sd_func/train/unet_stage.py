@@ -33,7 +33,7 @@ from sd_func.checkpoint import lora_files
 from sd_func.diffusion import losses, schedules
 from sd_func.errors import UserError
 from sd_func.models import autoencoder, text_encoder, unet
-from sd_func.train import optim
+from sd_func.train import checks, optim, sharding
 from sd_func.train import state as train_state
 from sd_func.train import step as train_step
 
@@ -45,6 +45,19 @@ def latent_shape(cfg, resolution: int | None = None) -> tuple[int, int, int]:
     if r % f:
         raise UserError(f"config.data.resolution={r}: expected a multiple of the VAE's downsampling factor {f}")
     return (int(cfg.vae.latent_channels), r // f, r // f)
+
+
+def batch_latent_shape(cfg, batch: dict) -> tuple[int, int, int]:
+    """(C, h, w) of the latents of a batch: of its images [b, 3, H, W] through the VAE, or of its
+    precached moments [b, 2C, h, w] (so each aspect-ratio bucket gets noise of its own shape)."""
+    if "moments" in batch:
+        c2, h, w = batch["moments"].shape[-3:]
+        return (int(c2) // 2, int(h), int(w))
+    hgt, wid = batch["images"].shape[-2:]
+    f = 2 ** (len(cfg.vae.block_out_channels) - 1)
+    if hgt % f or wid % f:
+        raise UserError(f"train: images of {hgt}x{wid} px: expected multiples of the VAE's downsampling factor {f}")
+    return (int(cfg.vae.latent_channels), int(hgt) // f, int(wid) // f)
 
 
 def step_inputs(cfg, root_key: int, step: int, index, latent_shape, device=None) -> dict:
@@ -95,15 +108,18 @@ def trainable_params(cfg, params_unet: dict, params_te: dict | None = None) -> d
     return params
 
 
-def init(cfg, params_unet: dict, params_te: dict | None = None):
-    """(state, tx, lay): a fresh train state with EMA, the optimizer of cfg.train and its layout."""
-    return _init_trained(cfg, trainable_params(cfg, params_unet, params_te))
+def init(cfg, params_unet: dict, params_te: dict | None = None, *, shard: sharding.Shard | None = None):
+    """(state, tx, lay): a fresh train state with EMA, the optimizer of cfg.train and its layout.
+
+    shard: ZeRO-1 (train.sharding.from_config(cfg.train, rank, world)): opt and EMA of this
+    rank's slice; pass the same shard to make_train_step."""
+    return _init_trained(cfg, trainable_params(cfg, params_unet, params_te), shard)
 
 
-def _init_trained(cfg, params: dict):
+def _init_trained(cfg, params: dict, shard=None):
     lay = optim.layout(params, cfg.train.get("weight_decay_exclude") or None)
-    tx = optim.from_config(cfg.train, lay)
-    return train_state.init_state(params, tx, lay, ema=True), tx, lay
+    tx = optim.from_config(cfg.train, lay, shard=shard)
+    return train_state.init_state(params, tx, lay, ema=True, shard=shard), tx, lay
 
 
 def lora_config(cfg):
@@ -112,20 +128,21 @@ def lora_config(cfg):
     return lcfg if lcfg is not None and int(lcfg.get("rank", 0) or 0) > 0 else None
 
 
-def setup(cfg, params: dict, key: int):
+def setup(cfg, params: dict, key: int, *, shard: sharding.Shard | None = None):
     """(state, tx, lay, frozen models): what trains and what stays frozen, from the models' params.
 
     params: {"unet", "vae", "text_encoder"} (other entries, e.g. a resumed run's, are
     ignored: its state is restored over this fresh one). Full fine-tuning: the UNet (and
     with cfg.train.train_text_encoder the text encoder) trains. With cfg.lora (rank,
     alpha, target, train_text_encoder): a fresh LoRA keyed by `key` trains, and the
-    frozen models also hold the base UNet and text encoder and the LoRA's alphas.
+    frozen models also hold the base UNet and text encoder and the LoRA's alphas. shard:
+    ZeRO-1, as for init.
     """
     lcfg = lora_config(cfg)
     models = {k: params[k] for k in ("unet", "vae", "text_encoder") if k in params}
     if lcfg is None:
         train_te = bool(cfg.train.get("train_text_encoder", False))
-        state, tx, lay = init(cfg, models["unet"], models["text_encoder"] if train_te else None)
+        state, tx, lay = init(cfg, models["unet"], models["text_encoder"] if train_te else None, shard=shard)
         return state, tx, lay, {k: v for k, v in models.items() if k not in state["params"]}
     if cfg.train.get("train_text_encoder", False):
         raise UserError("config.train.train_text_encoder=True with config.lora.rank > 0: the LoRA trains the "
@@ -137,7 +154,7 @@ def setup(cfg, params: dict, key: int):
     except lora.LoRAError as e:
         raise UserError(f"config.lora: {e}") from None
     weights, alphas = lora.split(lp)
-    state, tx, lay = _init_trained(cfg, {lora.TREE: weights})
+    state, tx, lay = _init_trained(cfg, {lora.TREE: weights}, shard)
     return state, tx, lay, dict(models, **{lora.ALPHA_TREE: alphas})
 
 
@@ -216,12 +233,13 @@ def loss_fn(cfg):
     gamma = float(cfg.train.get("min_snr_gamma", 0.0) or 0.0)
     offset = float(cfg.train.get("noise_offset", 0.0) or 0.0)
     prior_w = float(cfg.train.get("prior_loss_weight", 1.0))
+    remat = str(cfg.train.get("remat", "none") or "none")
 
     def fn(params: dict, frozen: dict, batch: dict):
         x0 = _clean_latents(cfg, frozen, batch)
         unet_p, te = _nets(params, frozen)
         context = _text_context(cfg, te, frozen, batch)
-        model_fn = lambda x, t: unet.apply(unet_p, x, t, context, cfg.unet)
+        model_fn = lambda x, t: unet.apply(unet_p, x, t, context, cfg.unet, remat=remat)
         weights = prior_weights(batch["prior"], prior_w) if "prior" in batch else None
         loss = losses.diffusion_loss(model_fn, x0, batch["noise"], batch["timesteps"], frozen["alphas_cumprod"],
                                      prediction, gamma, offset, batch.get("offset_noise"), weights)
@@ -262,19 +280,22 @@ def check_inputs(cfg, state: dict, frozen: dict, batch: dict) -> None:
 
 
 def make_train_step(cfg, tx: optim.Transform, lay: optim.Layout, *, world: int | None = None,
-                    backend: str = "inductor"):
+                    backend: str = "inductor", shard: sharding.Shard | None = None, num_shapes: int = 1):
     """`train_step(state, frozen, batch) -> (state, metrics)`: make_step with this stage's loss_fn.
 
     frozen: {"vae": params (unless the batch holds precached moments), "text_encoder":
     params (unless it trains, or the batch holds precached context), "uncond_ids": the
     empty prompt's ids [77] and/or "uncond_context": its context [1,77,D] (for cond_drop)};
-    the alphas_cumprod table is added here. world, backend: as train.step.make_step.
+    the alphas_cumprod table is added here. world, backend, shard, num_shapes: as
+    train.step.make_step. cfg.train.remat (unet.REMAT) recomputes UNet blocks in backward.
     """
     if cfg.diffusion.prediction_type not in losses.PREDICTION_TYPES:
         raise UserError(f"config.diffusion.prediction_type={cfg.diffusion.prediction_type!r}: "
                         f"expected one of {losses.PREDICTION_TYPES}")
+    checks.check_remat(cfg.train)
     cfg = cfg.copy_and_resolve_references()
-    inner = train_step.make_step(loss_fn(cfg), tx, lay, cfg.train, world=world, backend=backend)
+    inner = train_step.make_step(loss_fn(cfg), tx, lay, cfg.train, world=world, backend=backend, shard=shard,
+                                 num_shapes=num_shapes)
     tables: dict = {}
 
     def train_step_fn(state: dict, frozen: dict, batch: dict):
@@ -284,5 +305,5 @@ def make_train_step(cfg, tx: optim.Transform, lay: optim.Layout, *, world: int |
             tables[device] = schedules.alphas_cumprod(cfg.diffusion).to(device)
         return inner(state, dict(frozen, alphas_cumprod=tables[device]), batch)
 
-    train_step_fn.world = inner.world
+    train_step_fn.world, train_step_fn.shard = inner.world, inner.shard
     return train_step_fn
