@@ -19,7 +19,6 @@ import pytest
 import torch
 from test_clip_score import tiny_clip_folder
 
-import run_eval
 from sd_func import checkpoint
 from sd_func import cli as sd_cli
 from sd_func.data import shapes
@@ -38,7 +37,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec(fid.TORCHSCRIPT_PACKAGE
 
 def cli(*args):
     """run_eval.main with these flags under sd_func.cli's error policy; returns the exit status."""
-    return absl_main.call(run_eval, "run_eval.py", [*TINY, *args])
+    return absl_main.call("run_eval", "run_eval.py", [*TINY, *args])
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,6 @@ import safetensors.torch
 import torch
 from test_pipelines import MAX_MEAN_ERR_U8, tiny_sd_folder, with_scheduler
 
-import run_sample
 from sd_func import checkpoint, pipelines, random, tree
 from sd_func.checkpoint import training as checkpointing
 from sd_func.pipelines import images, job, unet_call
@@ -31,7 +30,7 @@ PROMPTS = ["a red circle on a blue background", "a green square"]
 def cli(*args):
     """run_sample.main with these flags under sd_func.cli's error policy (a UserError is one
     line and exit status 1); returns the exit status."""
-    return absl_main.call(run_sample, "run_sample.py", [*TINY, *args])
+    return absl_main.call("run_sample", "run_sample.py", [*TINY, *args])
 
 
 def read_pngs(outdir, n):
