@@ -154,3 +154,19 @@ def test_compiled_step_one_graph_per_shape():
     with pytest.raises(Exception, match="recompile"):
         for k in range(10):
             st, _ = short(st, {}, {"x": torch.full((2, 4, 4 + k), 0.5)})
+
+
+def test_each_built_step_has_its_own_recompile_budget():
+    """A process that builds many compiled steps (a notebook, this test suite) must not reach
+    dynamo's per-code-object recompile limit of 8 from the graphs of steps built earlier."""
+    tcfg = tiny.get_config().train
+    tcfg.update(compile=True, warmup=0)
+    params = {"w": torch.ones(3)}
+    torch._dynamo.reset()
+    for k in range(10):  # what a fresh run builds: its own layout, optimizer and loss
+        lay = optim.layout(params, None)
+        tx = optim.from_config(tcfg, lay)
+        loss_fn = lambda p, frozen, batch, k=k: (((batch["x"] - p["w"].sum() - k) ** 2).mean(), {})
+        fn = step.make_step(loss_fn, tx, lay, tcfg, world=1, backend="eager")
+        st, m = fn(train_state.init_state(params, tx, lay, ema=True), {}, {"x": torch.full((2, 4), 0.5)})
+        assert int(st["step"]) == 1 and torch.isfinite(m["loss"])

@@ -41,6 +41,8 @@ moments and count, and the EMA too (the EMA averages the updates that were appli
 moving it towards unchanged params would weight one point of the trajectory twice).
 """
 
+import types
+
 import torch
 from torch.distributed import _functional_collectives as funcol
 
@@ -169,7 +171,7 @@ def make_step(loss_fn, tx: optim.Transform, lay: optim.Layout, tcfg, *, world: i
     compiled = bool(tcfg.compile)
     core = lambda flat, frozen, batch: _core(loss_fn, tx, lay, hp, flat, frozen, batch)
     if compiled:
-        core = torch.compile(core, fullgraph=True, dynamic=False, backend=backend)
+        core = torch.compile(_own_code(core), fullgraph=True, dynamic=False, backend=backend)
     n_mine = lay.numel if shard is None else sharding.size(shard, lay.numel)
     opt_template = optim.template(tx, lay, n_mine)
     recompiles = max(8, int(num_shapes))  # dynamo's default, or one graph per bucket shape
@@ -202,6 +204,13 @@ def make_step(loss_fn, tx: optim.Transform, lay: optim.Layout, tcfg, *, world: i
 
     step.world, step.shard = world, shard
     return step
+
+
+def _own_code(fn):
+    """fn with a code object of its own. Dynamo keeps its graphs and counts recompiles per
+    code object, so without this every step a process builds (a notebook, a test run, the
+    VAE and UNet stages) would share one cache and one recompile limit."""
+    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
