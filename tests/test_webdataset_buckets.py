@@ -14,8 +14,10 @@ import ml_collections
 import pytest
 from test_data import assert_same_batch, image_bytes, write_shard
 
+from configs import tiny
 from sd_func import data
 from sd_func.errors import UserError
+from sd_func.train import loop
 
 # (width, height); resolution 32 with step 8 gives buckets (H, W) 40x24, 32x32, 24x40
 KINDS = {"tall": (48, 80), "square": (40, 40), "wide": (80, 48)}
@@ -109,3 +111,16 @@ def test_buffer_bound_drops_oldest_with_warning(shards, caplog):
     kept = roomy.state()
     assert kept["dropped"] == 0
     assert [b[-3:] for b in kept["buffers"][:2]] == state["buffers"][:2]   # the newest kept, the oldest dropped
+
+
+def test_training_run_resumes_bucketed_stream(shards, tmp_path):
+    cfg = tiny.get_config()
+    cfg.data.update(_cfg(shards, bucket_weights="1,2,1"))
+    cfg.train.update(steps=2, batch_size=4, log_every=1, checkpoint_every=2, lr=1e-4)
+    loop.train(cfg, str(tmp_path / "run"))   # saves the stream positions and buffers at step 2
+    cfg.train.steps = 4
+    assert int(loop.train(cfg, str(tmp_path / "run"))["step"]) == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    src = data.make_source(cfg.data, cfg.seed)
+    assert [(r["bucket_height"], r["bucket_width"]) for r in rows][-4:] == [src.batch(s, 4)["bucket"]
+                                                                            for s in range(4)]

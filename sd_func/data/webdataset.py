@@ -417,6 +417,8 @@ def bucket_weights(cfg_data, shards: list[str], table: list) -> list[float]:
 
     def size(offset, files, tf, where):
         ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if ext is None:
+            return None
         try:
             with Image.open(tf.extractfile(files[ext])) as im:
                 return im.size
