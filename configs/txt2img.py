@@ -49,6 +49,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         num_workers=2,
         buckets="",             # aspect-ratio buckets: "" (off), "auto", or "HxW,HxW,..." (sd_func.data.buckets)
         bucket_step=64, bucket_max_ratio=2.0,  # the "auto" table: sides multiple of step, aspect <= ratio
+        bucket_weights="", bucket_buffer=32, bucket_estimate=256,  # webdataset: step buckets' draw, buffers
     ))
     c.update(overrides)
     return c

@@ -10,9 +10,9 @@
 
 Map-style kinds (shapes, folder, latents) are a pure function of (seed, step,
 global index), whatever the world size; webdataset is a stream per rank whose
-position is its state. With config.data.buckets (folder; latents precached with
-buckets) every global batch comes from one aspect-ratio bucket and carries
-"bucket": (H, W) (sd_func.data.buckets).
+position is its state. With config.data.buckets (folder, webdataset; latents
+precached with buckets) every global batch comes from one aspect-ratio bucket and
+carries "bucket": (H, W) (sd_func.data.buckets; webdataset's per-bucket buffers).
 """
 
 from sd_func.data import buckets, dreambooth, folder, latents, loader, shapes, webdataset

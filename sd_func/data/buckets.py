@@ -26,6 +26,7 @@ from sd_func.data import loader
 from sd_func.errors import UserError
 
 _ORDER_TAG = 0xB0C7
+_DRAW_TAG = 0xB0C8
 
 
 def auto(area: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
@@ -65,6 +66,14 @@ def nearest(width: int, height: int, buckets: list[tuple[int, int]]) -> int:
     """The index of the bucket whose aspect ratio (W/H) is nearest the image's, in log space."""
     a = math.log(width / height)
     return min(range(len(buckets)), key=lambda i: (abs(a - math.log(buckets[i][1] / buckets[i][0])), i))
+
+
+def draw(seed: int, step: int, weights: list[float]) -> int:
+    """The bucket of global step `step` of a stream (webdataset): drawn with probabilities
+    proportional to `weights` from a key of (seed, step), so every rank draws the same one."""
+    k = random.fold_in(random.fold_in(loader.data_key(seed), _DRAW_TAG), int(step))
+    w = torch.tensor(weights, dtype=torch.float64)
+    return int(torch.multinomial(w, 1, generator=random.generator(k)))
 
 
 def epoch_batches(seed: int, epoch: int, members: list[list[int]], global_batch: int) -> list[tuple[int, list]]:
@@ -111,7 +120,7 @@ class BucketSource(loader.MapSource):
         n = len(self._epoch(0, global_batch))
         if n == 0:
             raise UserError(f"data[{self.kind}]: no bucket holds a whole global batch of {global_batch} "
-                            f"(examples per bucket {dict(zip(map(_name, self.buckets), self.counts))})")
+                            f"(examples per bucket {dict(zip(map(name, self.buckets), self.counts))})")
         epoch, i = divmod(int(step), n)
         return self._epoch(epoch, global_batch)[i]
 
@@ -122,7 +131,7 @@ class BucketSource(loader.MapSource):
             ex = self.dataset.load(order[(pos + tries) % len(order)], k, size)
             if ex is not None:
                 return ex, tries
-        raise RuntimeError(f"data[{self.kind}]: every example of bucket {_name(size)} is unreadable")
+        raise RuntimeError(f"data[{self.kind}]: every example of bucket {name(size)} is unreadable")
 
     def _build(self, step: int, global_batch: int) -> dict:
         bucket, ids = self.plan(step, global_batch)
@@ -137,5 +146,5 @@ class BucketSource(loader.MapSource):
         return out
 
 
-def _name(hw) -> str:
+def name(hw) -> str:
     return f"{hw[0]}x{hw[1]}"

@@ -12,6 +12,18 @@ undecodable image, a truncated tar) is skipped, counted in "skipped" and logged
 with its shard and key. The position of every stream (epoch, shard, sample
 offset in the shard, examples consumed) is the source's state(), so a resumed
 run continues exactly where it stopped.
+
+With config.data.buckets (sd_func.data.buckets) the bucket of global step n is drawn
+from a key of (seed, n) with probabilities `bucket_weights` ("" = the shares of the
+buckets among the first `bucket_estimate` samples of the shard list, which every rank
+reads alike; "uniform"; or one weight per bucket, tallest first), so all ranks agree
+without a collective. Each rank decodes its stream into per-bucket FIFO buffers (every
+image resized/cropped into the bucket nearest its aspect ratio) until the step's bucket
+holds its micro-batch b, and takes the oldest b. A buffer holds at most
+max(b, `bucket_buffer`) examples; a sample arriving at a full buffer drops that
+buffer's oldest (counted in state()["dropped"], warned at 1, 2, 4, ... drops). The
+buffers' contents (shard, epoch, offset of each example) are part of state(): a resume
+decodes them again and continues exactly.
 """
 
 import json
@@ -24,9 +36,10 @@ import threading
 import zlib
 
 import torch
+from PIL import Image
 
 from sd_func import random
-from sd_func.data import loader, transforms
+from sd_func.data import buckets, loader, transforms
 from sd_func.errors import MissingFileError, UserError
 
 log = logging.getLogger("sd_func.data")
@@ -78,8 +91,12 @@ def _caption(files: dict, tf: tarfile.TarFile):
     return None
 
 
-def decode_sample(files: dict, tf: tarfile.TarFile, where: str, resolution: int, key: int, cfg_data):
-    """The example of one tar sample, or None (logged) when it is corrupt."""
+def decode_sample(files: dict, tf: tarfile.TarFile, where: str, resolution: int, key: int, cfg_data,
+                  table=None):
+    """The example of one tar sample, or None (logged) when it is corrupt.
+
+    With a bucket table the image goes into the bucket nearest its aspect ratio, whose
+    index the example carries as "bucket"."""
     image_ext = next((e for e in IMAGE_EXTS if e in files), None)
     if image_ext is None:
         log.warning("data: skipping %s: no image member (%s)", where, "/".join(IMAGE_EXTS))
@@ -100,9 +117,10 @@ def decode_sample(files: dict, tf: tarfile.TarFile, where: str, resolution: int,
     img = transforms.try_decode(data, f"{where}.{image_ext}")
     if img is None:
         return None
-    x = transforms.preprocess(img, resolution, key, cfg_data.get("center_crop", True),
+    b = buckets.nearest(*img.size, table) if table else None
+    x = transforms.preprocess(img, resolution if b is None else table[b], key, cfg_data.get("center_crop", True),
                               cfg_data.get("random_flip", False))
-    return {"images": x, "captions": text}
+    return {"images": x, "captions": text} if b is None else {"images": x, "captions": text, "bucket": b}
 
 
 def read_shard(path: str, start: int, decode_fn):
@@ -145,9 +163,9 @@ def read_shard(path: str, start: int, decode_fn):
 class _Stream:
     """One worker's infinite stream over its shards, with an exact position."""
 
-    def __init__(self, shards, seed, stream_id, resolution, cfg_data):
+    def __init__(self, shards, seed, stream_id, resolution, cfg_data, table=None):
         self.shards, self.seed, self.stream_id = list(shards), seed, stream_id
-        self.resolution, self.cfg_data = resolution, cfg_data
+        self.resolution, self.cfg_data, self.table = resolution, cfg_data, table
         self.pos = {"epoch": 0, "shard_pos": 0, "shard": self.order(0)[0], "member": 0, "consumed": 0}
 
     def order(self, epoch: int) -> list[str]:
@@ -161,6 +179,15 @@ class _Stream:
                              f"configuration reads {expected!r} there; the shard list or seed changed")
         self.pos = dict(pos)
 
+    def decoder(self, shard: str, epoch: int, wanted=None):
+        """decode_fn of read_shard for `shard` in `epoch` (only the offsets in `wanted`, if given)."""
+        def decode(offset, files, tf, where):
+            if wanted is not None and offset not in wanted:
+                return None
+            k = sample_key(self.seed, shard, epoch, offset)
+            return decode_sample(files, tf, where, self.resolution, k, self.cfg_data, self.table)
+        return decode
+
     def items(self):
         """Yield (example | None, position after it), forever."""
         p = dict(self.pos)
@@ -171,9 +198,7 @@ class _Stream:
             while shard_pos < len(order):
                 shard = order[shard_pos]
 
-                def decode(offset, files, tf, where, _shard=shard, _epoch=epoch):
-                    k = sample_key(self.seed, _shard, _epoch, offset)
-                    return decode_sample(files, tf, where, self.resolution, k, self.cfg_data)
+                decode = self.decoder(shard, epoch)
 
                 for offset, ex in read_shard(shard, member, decode):
                     member = offset + 1
@@ -237,10 +262,15 @@ class WebDatasetSource:
         self.num_streams = max(1, min(int(cfg_data.get("num_workers", 0)), len(mine)))
         self.threaded = int(cfg_data.get("num_workers", 0)) > 0
         self.seed, self.rank, self.world = int(seed), rank, world
+        self.buckets = buckets.resolve(cfg_data)
         self.streams = [_Stream(mine[w::self.num_streams], self.seed, rank * 1024 + w,
-                                cfg_data.resolution, cfg_data) for w in range(self.num_streams)]
+                                cfg_data.resolution, cfg_data, self.buckets) for w in range(self.num_streams)]
         self.next_stream, self.next_step = 0, None
         self._iters = None
+        if self.buckets:
+            self.weights = bucket_weights(cfg_data, shards, self.buckets)
+            self.buffer_size = int(cfg_data.get("bucket_buffer", 32))
+            self.buffers, self.dropped = [[] for _ in self.buckets], 0  # [(ref, example)] per bucket, oldest first
 
     def _start(self):
         if self.threaded:
@@ -262,21 +292,77 @@ class WebDatasetSource:
         indices = loader.rank_indices(step, global_batch, self.rank, self.world)
         if self._iters is None:
             self._start()
-        examples, skipped = [], 0
-        while len(examples) < len(indices):
-            ex = self._next(self.next_stream)
-            self.next_stream = (self.next_stream + 1) % self.num_streams
+        if self.buckets:
+            out = self._bucket_batch(step, indices)
+        else:
+            examples, skipped = [], 0
+            while len(examples) < len(indices):
+                ex = self._next(self.next_stream)
+                self.next_stream = (self.next_stream + 1) % self.num_streams
+                if ex is None:
+                    skipped += 1
+                else:
+                    examples.append(ex)
+            out = loader.collate(examples, indices, skipped)
+        self.next_step = step + 1
+        return out
+
+    def _bucket_batch(self, step: int, indices: range) -> dict:
+        """This rank's micro-batch of step's bucket, read through the per-bucket buffers."""
+        k, b = buckets.draw(self.seed, step, self.weights), len(indices)
+        cap, skipped, reads = max(b, self.buffer_size), 0, 0
+        while len(self.buffers[k]) < b:
+            w = self.next_stream
+            ex = self._next(w)
+            self.next_stream, reads = (w + 1) % self.num_streams, reads + 1
             if ex is None:
                 skipped += 1
-            else:
-                examples.append(ex)
-        self.next_step = step + 1
-        return loader.collate(examples, indices, skipped)
+                continue
+            pos = self.streams[w].pos
+            j = ex.pop("bucket")
+            if len(self.buffers[j]) >= cap:
+                self.buffers[j].pop(0)
+                self.dropped += 1
+                if self.dropped & (self.dropped - 1) == 0:
+                    log.warning("data: webdataset bucket buffers full: dropped %d samples so far (bucket %s "
+                                "holds %d; set config.data.bucket_weights or bucket_buffer)",
+                                self.dropped, buckets.name(self.buckets[j]), cap)
+            self.buffers[j].append(([pos["shard"], pos["epoch"], pos["member"] - 1], ex))
+            if reads > 100 * cap * len(self.buckets):
+                raise UserError(f"webdataset: bucket {buckets.name(self.buckets[k])} of step {step} got "
+                                f"{len(self.buffers[k])} of {b} examples in {reads} samples; it is too rare "
+                                f"for its weight (config.data.bucket_weights)")
+        taken, self.buffers[k] = self.buffers[k][:b], self.buffers[k][b:]
+        out = loader.collate([ex for _, ex in taken], indices, skipped)
+        out["bucket"] = self.buckets[k]
+        return out
+
+    def _refill(self, refs: list[list]) -> None:
+        """The buffers of a state(): every [shard, epoch, offset] decoded again."""
+        stream = self.streams[0]
+        want: dict[tuple, set] = {}
+        for shard, epoch, offset in (r for bucket in refs for r in bucket):
+            want.setdefault((shard, epoch), set()).add(offset)
+        got = {}
+        for (shard, epoch), offsets in want.items():
+            for offset, ex in read_shard(shard, min(offsets), stream.decoder(shard, epoch, offsets)):
+                if ex is not None:
+                    got[(shard, epoch, offset)] = ex
+        missing = [r for bucket in refs for r in bucket if tuple(r) not in got]
+        if missing:
+            raise UserError(f"webdataset: the stored bucket buffers name {missing[0]} which no longer decodes")
+        self.buffers = [[(r, dict(got[tuple(r)])) for r in bucket] for bucket in refs]
+        for bucket in self.buffers:
+            for _, ex in bucket:
+                ex.pop("bucket")
 
     def state(self) -> dict:
         """This rank's stream positions (JSON). Gather all ranks' into {"ranks": [...]} to store."""
-        return {"kind": self.kind, "rank": self.rank, "world": self.world, "step": self.next_step,
-                "next_stream": self.next_stream, "streams": [dict(s.pos) for s in self.streams]}
+        out = {"kind": self.kind, "rank": self.rank, "world": self.world, "step": self.next_step,
+               "next_stream": self.next_stream, "streams": [dict(s.pos) for s in self.streams]}
+        if self.buckets:
+            out.update(buffers=[[list(r) for r, _ in b] for b in self.buffers], dropped=self.dropped)
+        return out
 
     def restore(self, state: dict) -> None:
         """Continue from a state() of this rank, or from {"ranks": [state of rank 0, ...]}."""
@@ -295,6 +381,13 @@ class WebDatasetSource:
         for s, pos in zip(self.streams, state["streams"]):
             s.set_position(pos)
         self.next_stream, self.next_step = state["next_stream"], state["step"]
+        if self.buckets:
+            refs = state.get("buffers") or [[] for _ in self.buckets]
+            if len(refs) != len(self.buckets):
+                raise UserError(f"webdataset: the stored position has {len(refs)} bucket buffers but "
+                                f"config.data.buckets gives {len(self.buckets)}")
+            self._refill(refs)
+            self.dropped = int(state.get("dropped", 0))
 
     def close(self) -> None:
         for it in self._iters or ():
@@ -304,6 +397,47 @@ class WebDatasetSource:
             else:
                 it.close()
         self._iters = None
+
+
+def bucket_weights(cfg_data, shards: list[str], table: list) -> list[float]:
+    """The draw weights of the buckets: config.data.bucket_weights, or estimated (module doc)."""
+    spec = str(cfg_data.get("bucket_weights", "") or "").strip()
+    if spec == "uniform":
+        return [1.0] * len(table)
+    if spec:
+        try:
+            w = [float(v) for v in spec.split(",")]
+        except ValueError:
+            w = []
+        if len(w) != len(table) or min(w) < 0 or sum(w) <= 0:
+            raise UserError(f"config.data.bucket_weights={spec!r}: expected 'uniform' or {len(table)} weights >= 0 "
+                            f"(buckets {','.join(map(buckets.name, table))})")
+        return w
+    n, counts = int(cfg_data.get("bucket_estimate", 256)), [0] * len(table)
+
+    def size(offset, files, tf, where):
+        ext = next((e for e in IMAGE_EXTS if e in files), None)
+        if ext is None:
+            return None
+        try:
+            with Image.open(tf.extractfile(files[ext])) as im:
+                return im.size
+        except Exception:  # PIL raises many types; a corrupt sample counts for no bucket
+            return None
+    seen = 0
+    for shard in shards:
+        for _, wh in read_shard(shard, 0, size):
+            seen += 1
+            if wh is not None:
+                counts[buckets.nearest(*wh, table)] += 1
+            if seen >= n:
+                break
+        if seen >= n:
+            break
+    if not sum(counts):
+        raise UserError(f"webdataset: no readable image in the first {seen} samples of {cfg_data.path!r} "
+                        f"to estimate config.data.bucket_weights from")
+    return [float(c) for c in counts]
 
 
 def make_source(cfg_data, seed: int, rank: int = 0, world: int = 1) -> WebDatasetSource:

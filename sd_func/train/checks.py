@@ -131,9 +131,9 @@ def validate(cfg) -> None:
             raise UserError(f"config.data.resolution={r!r}: expected a positive multiple of the VAE's "
                             f"downsampling factor {f}")
         table = data.buckets.resolve(d) or []
-        if table and d.kind != "folder":
-            raise UserError(f"config.data.buckets={d.buckets!r}: aspect-ratio buckets work with kind 'folder' "
-                            f"(and 'latents' precached from one), not {d.kind!r}")
+        if table and d.kind not in ("folder", "webdataset"):
+            raise UserError(f"config.data.buckets={d.buckets!r}: aspect-ratio buckets work with kind 'folder', "
+                            f"'webdataset' (and 'latents' precached from a folder), not {d.kind!r}")
         bad = [hw for hw in table if hw[0] % f or hw[1] % f]
         if bad:
             raise UserError(f"config.data.buckets: {bad[0][0]}x{bad[0][1]} is not a multiple of the VAE's "
