@@ -1,13 +1,20 @@
-"""Tiny random-weight checkpoints for the deploy tests, in sd_func's native format."""
+"""Tiny random-weight checkpoints for the deploy tests, in sd_func's native format, and
+the sample settings, model and image comparison the server tests share."""
 
 import os
+
+import numpy as np
 
 from configs import tiny
 from sd_func import checkpoint, pipelines, random, tree
 from sd_func.models import autoencoder, text_encoder, unet
+from sd_func.pipelines import job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_CONFIG = os.path.join(ROOT, "configs", "tiny.py")
+# the sample settings of the server tests, as run_sample.py flags (tiny_model uses the same)
+SAMPLE = ["--config.sample.steps=3", "--config.sample.guidance_scale=1.0", "--config.sample.height=16",
+          "--config.sample.width=16"]
 
 
 def tiny_params(cfg, seed: int = 0) -> dict:
@@ -37,3 +44,16 @@ def reference_image(params, cfg, prompt: str, seed: int, negative_prompt: str = 
     """uint8 [H, W, 3]: the pipeline in-process for one image alone (batch of 1)."""
     return pipelines.txt2img(params, cfg, [prompt], seeds=[seed], negative_prompt=negative_prompt,
                              **settings)[0].numpy()
+
+
+def tiny_model(ckpt: str):
+    """(params, cfg) of ckpt with configs/tiny.py's sample section set as SAMPLE sets it."""
+    cfg = tiny.get_config()
+    cfg.sample.update(steps=3, guidance_scale=1.0, height=16, width=16)
+    return job.load_model(ckpt, cfg, device="cpu")
+
+
+def max_diff(a, b) -> int:
+    """The largest difference of two uint8 images, in u8 levels."""
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(int) - b.astype(int)).max())

@@ -13,15 +13,10 @@ import threading
 import numpy as np
 import pytest
 import serving
-from deploy_models import TINY_CONFIG, reference_image, tiny_checkpoint
+from deploy_models import SAMPLE, TINY_CONFIG, max_diff, reference_image, tiny_checkpoint, tiny_model
 from tritonclient.utils import InferenceServerException
 
-from configs import tiny
-from sd_func.pipelines import job
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = ["--config.sample.steps=3", "--config.sample.guidance_scale=1.0", "--config.sample.height=16",
-          "--config.sample.width=16"]
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +42,7 @@ def server(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    cfg = tiny.get_config()
-    cfg.sample.update(steps=3, guidance_scale=1.0, height=16, width=16)  # SAMPLE
-    return job.load_model(ckpt, cfg, device="cpu")
-
-
-def max_diff(a, b) -> int:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
+    return tiny_model(ckpt)
 
 
 def test_repository_files(server):

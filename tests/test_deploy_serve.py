@@ -14,18 +14,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import serving
-from deploy_models import TINY_CONFIG, reference_image, tiny_checkpoint
+from deploy_models import SAMPLE, TINY_CONFIG, max_diff, reference_image, tiny_checkpoint, tiny_model
 from tritonclient.utils import InferenceServerException
-
-from configs import tiny
-from sd_func.pipelines import job
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LIMITS = ["--max_steps=12", "--max_pixels=2304", "--max_prompt_chars=60", "--max_batch_size=8"]
 # The server's defaults and run_sample.py's options: few steps, small images, no guidance
 # (the "settings" case asks for guidance), so that the module's ~40 images stay cheap.
-SAMPLE = ["--config.sample.steps=3", "--config.sample.guidance_scale=1.0", "--config.sample.height=16",
-          "--config.sample.width=16"]
 # (request inputs, run_sample.py flags) that must give the same image
 CASES = {
     "defaults": (dict(prompt="a red circle on a blue background", seed=5),
@@ -68,14 +63,7 @@ def pngs(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(ckpt):
-    cfg = tiny.get_config()
-    cfg.sample.update(steps=3, guidance_scale=1.0, height=16, width=16)  # SAMPLE
-    return job.load_model(ckpt, cfg, device="cpu")
-
-
-def max_diff(a, b) -> int:
-    assert a.shape == b.shape, (a.shape, b.shape)
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
+    return tiny_model(ckpt)
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
